@@ -1,0 +1,1 @@
+"""Weight import from PyTorch formats (transformers CLIP, diffusers UnCLIP) into our params."""

@@ -1,0 +1,1 @@
+"""Flax linen networks: CLIP, the diffusion prior transformer and the ADM UNet."""
