@@ -1,0 +1,157 @@
+"""Gaussian diffusion math against closed forms."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unclip_jax.diffusion import DiffusionConfig, GaussianDiffusion
+from unclip_jax.diffusion.gaussian import normal_kl, predict_x0_eps
+
+
+@pytest.fixture(scope="module")
+def diff():
+    return GaussianDiffusion(DiffusionConfig(schedule="cosine", num_train_steps=1000))
+
+
+@pytest.mark.parametrize("t", [0, 10, 500, 990])
+def test_q_sample_moments(diff, t):
+    # x_t | x0 ~ N(sqrt(abar) x0, (1 - abar) I): check mean and variance over 200k draws
+    n = 200_000
+    x0 = jnp.full((n, 1), 0.7)
+    noise = jax.random.normal(jax.random.key(t), (n, 1))
+    xt = np.asarray(diff.q_sample(x0, jnp.full((n,), t), noise))
+    a = diff.alphas_cumprod[t]
+    se = math.sqrt((1 - a) / n)
+    assert abs(xt.mean() - math.sqrt(a) * 0.7) < 5 * se
+    assert xt.var() == pytest.approx(1 - a, rel=0.02)
+    mean, var = diff.q_mean_variance(x0[:1], jnp.array([t]))
+    np.testing.assert_allclose(float(mean[0, 0]), math.sqrt(a) * 0.7, rtol=1e-6)
+    np.testing.assert_allclose(float(var[0, 0]), 1 - a, rtol=1e-5)
+
+
+def test_posterior_is_bayes_rule(diff):
+    # q(x_{t-1} | x_t, x0) ∝ N(x_{t-1}; sqrt(abar_{t-1}) x0, 1 - abar_{t-1}) N(x_t; sqrt(a_t) x_{t-1}, b_t):
+    # a product of Gaussians in x_{t-1}: precision = 1/(1 - abar_{t-1}) + a_t / b_t.
+    rng = np.random.default_rng(0)
+    ts = np.array([1, 5, 100, 600, 998])
+    x0 = rng.normal(size=(len(ts), 3))
+    xt = rng.normal(size=(len(ts), 3))
+    mean, var, logvar = diff.q_posterior(jnp.asarray(x0, jnp.float32), jnp.asarray(xt, jnp.float32),
+                                         jnp.asarray(ts))
+    b = diff.betas[ts][:, None]
+    ap = diff.alphas_cumprod[ts - 1][:, None]
+    prec = 1 / (1 - ap) + (1 - b) / b
+    want_var = 1 / prec
+    want_mean = want_var * (np.sqrt(ap) * x0 / (1 - ap) + np.sqrt(1 - b) * xt / b)
+    np.testing.assert_allclose(np.asarray(var)[:, 0], want_var[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(mean), want_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logvar)[:, 0], np.log(want_var[:, 0]), rtol=1e-5)
+
+
+def test_posterior_log_variance_clipped_at_t0(diff):
+    assert diff.posterior_variance[0] == 0.0
+    assert diff.posterior_log_variance_clipped[0] == pytest.approx(math.log(diff.posterior_variance[1]))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_parametrisations_are_consistent(prediction):
+    d = GaussianDiffusion(DiffusionConfig(prediction=prediction))
+    rng = np.random.default_rng(1)
+    x0 = jnp.asarray(rng.normal(size=(4, 5, 5, 3)), jnp.float32)
+    noise = jnp.asarray(rng.normal(size=x0.shape), jnp.float32)
+    t = jnp.array([0, 3, 400, 950])
+    xt = d.q_sample(x0, t, noise)
+    target = d.targets(x0, noise, t)
+    a = d.alphas_cumprod[np.asarray(t)][:, None, None, None]
+    x0_hat, eps_hat = predict_x0_eps(prediction, target, xt, jnp.float32(np.sqrt(a)),
+                                     jnp.float32(np.sqrt(1 - a)))
+    tol = dict(rtol=1e-3, atol=2e-3)  # eps -> x0 amplifies rounding by 1/sqrt(abar) at t=950
+    np.testing.assert_allclose(np.asarray(x0_hat), np.asarray(x0), **tol)
+    np.testing.assert_allclose(np.asarray(eps_hat), np.asarray(noise), **tol)
+
+
+def test_v_target_closed_form():
+    d = GaussianDiffusion(DiffusionConfig(prediction="v"))
+    x0, noise, t = jnp.ones((1, 2)), 2 * jnp.ones((1, 2)), jnp.array([300])
+    a = d.alphas_cumprod[300]
+    np.testing.assert_allclose(np.asarray(d.targets(x0, noise, t)),
+                               math.sqrt(a) * 2 - math.sqrt(1 - a), rtol=1e-5)
+
+
+def test_mse_loss_and_p2_weighting(diff):
+    x0 = jnp.zeros((2, 4))
+    noise = jnp.ones((2, 4))
+    t = jnp.array([10, 700])
+    out = noise + 0.5  # error 0.5 everywhere -> mse 0.25
+    loss, _ = diff.loss(out, x0, noise, t)
+    np.testing.assert_allclose(np.asarray(loss), 0.25, rtol=1e-6)
+    loss, _ = diff.loss(out, x0, noise, t, p2_gamma=1.0, p2_k=1.0)
+    snr = diff.alphas_cumprod[[10, 700]] / (1 - diff.alphas_cumprod[[10, 700]])
+    np.testing.assert_allclose(np.asarray(loss), 0.25 / (1 + snr), rtol=1e-5)
+
+
+def test_normal_kl_closed_form():
+    m1, lv1, m2, lv2 = 0.3, math.log(0.5), -0.2, math.log(2.0)
+    want = math.log(math.sqrt(2.0) / math.sqrt(0.5)) + (0.5 + 0.25) / (2 * 2.0) - 0.5
+    assert float(normal_kl(m1, lv1, m2, lv2)) == pytest.approx(want, rel=1e-6)
+
+
+def test_learned_range_interpolates_log_variance():
+    d = GaussianDiffusion(DiffusionConfig(variance="learned_range"))
+    x = jnp.zeros((3, 2))
+    t = jnp.array([50, 50, 50])
+    v = jnp.array([[-1.0] * 2, [1.0] * 2, [0.0] * 2])
+    out = jnp.concatenate([jnp.zeros((3, 2)), v], axis=-1)
+    lv = np.asarray(d.p_mean_variance(out, x, t)["log_variance"])[:, 0]
+    lo, hi = d.posterior_log_variance_clipped[50], math.log(d.betas[50])
+    np.testing.assert_allclose(lv, [lo, hi, (lo + hi) / 2], rtol=1e-5)
+
+
+def test_hybrid_loss_vlb_trains_only_the_variance():
+    d = GaussianDiffusion(DiffusionConfig(variance="learned_range", num_train_steps=100))
+    rng = np.random.default_rng(2)
+    x0 = jnp.asarray(rng.uniform(-1, 1, size=(3, 4, 4, 3)), jnp.float32)
+    noise = jnp.asarray(rng.normal(size=x0.shape), jnp.float32)
+    t = jnp.array([0, 10, 99])
+    out = jnp.asarray(rng.normal(size=x0.shape[:-1] + (6,)) * 0.1, jnp.float32)
+
+    def vb_only(o):
+        loss, aux = d.loss(o, x0, noise, t, loss_type="hybrid", vlb_weight=1e-3)
+        return jnp.sum(loss - aux["mse"])
+
+    g = np.asarray(jax.grad(vb_only)(out))
+    assert np.all(g[..., :3] == 0) and np.any(g[..., 3:] != 0)
+    loss, aux = d.loss(out, x0, noise, t, loss_type="hybrid", vlb_weight=1e-3)
+    np.testing.assert_allclose(np.asarray(loss), np.asarray(aux["mse"] + 0.1 * aux["vb"]), rtol=1e-6)
+    assert np.all(np.asarray(aux["vb"]) > 0)
+
+
+def test_vlb_is_zero_for_the_true_posterior():
+    # When p(x_{t-1}|x_t) equals q(x_{t-1}|x_t, x0) the KL term vanishes.
+    d = GaussianDiffusion(DiffusionConfig(prediction="x0", variance="learned_range",
+                                          num_train_steps=100))
+    rng = np.random.default_rng(3)
+    x0 = jnp.asarray(rng.uniform(-1, 1, size=(2, 5)), jnp.float32)
+    t = jnp.array([20, 60])
+    xt = d.q_sample(x0, t, jnp.asarray(rng.normal(size=x0.shape), jnp.float32))
+    # frac such that the interpolated log variance is the clipped posterior log variance: v = -1
+    out = jnp.concatenate([x0, -jnp.ones_like(x0)], axis=-1)
+    vb = np.asarray(d.vlb_terms(out, x0, xt, t, discrete=False))
+    np.testing.assert_allclose(vb, 0.0, atol=1e-5)
+
+
+def test_bad_config_errors():
+    with pytest.raises(ValueError, match="unknown variance type 'learned'"):
+        DiffusionConfig(variance="learned")
+    with pytest.raises(ValueError, match="unknown model prediction"):
+        DiffusionConfig(prediction="score")
+    with pytest.raises(ValueError, match="unknown noise schedule"):
+        DiffusionConfig(schedule="sigmoid")
+    with pytest.raises(ValueError, match="num_train_steps"):
+        DiffusionConfig(num_train_steps=0)
+    with pytest.raises(ValueError, match="hybrid loss needs a learned variance"):
+        GaussianDiffusion(DiffusionConfig()).loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)),
+                                                  jnp.zeros((1, 2)), jnp.array([1]),
+                                                  loss_type="hybrid")
