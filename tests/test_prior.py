@@ -1,0 +1,175 @@
+"""Prior transformer: parity with diffusers' PriorTransformer, normalisation, checkpoint errors."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unclip_jax.convert import diffusers_prior
+from unclip_jax.convert.torch_io import CheckpointMismatchError
+from unclip_jax.models import prior as prior_lib
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+CONFIGS = {
+    # Karlo's layout (defaults: no norm_in, no embedding-proj norm, linear text proj, prd token)
+    "karlo_like": dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, embedding_dim=16,
+                       num_embeddings=7, additional_embeddings=4),
+    # the other supported options switched on
+    "options": dict(num_attention_heads=4, attention_head_dim=8, num_layers=3, embedding_dim=24,
+                    num_embeddings=9, additional_embeddings=4, norm_in_type="layer",
+                    embedding_proj_norm_type="layer", time_embed_dim=48, time_embed_act_fn="gelu"),
+    # no learned query token: the output is read at the noised-image token
+    "no_prd": dict(num_attention_heads=2, attention_head_dim=8, num_layers=1, embedding_dim=16,
+                   num_embeddings=5, additional_embeddings=3, added_emb_type=None),
+}
+
+
+def _random_diffusers_prior(kwargs, seed=0):
+    from diffusers import PriorTransformer
+
+    torch.manual_seed(seed)
+    model = PriorTransformer(**kwargs).eval()
+    with torch.no_grad():  # zero/one-initialised tensors (pos emb, prd, norms, stats) made random
+        for name, p in model.named_parameters():
+            if name == "clip_std":
+                p.copy_(0.5 + torch.rand_like(p))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.3 * torch.randn_like(p))
+    return model
+
+
+def _inputs(kwargs, batch=3, seed=1):
+    rng = np.random.default_rng(seed)
+    d, L = kwargs["embedding_dim"], kwargs["num_embeddings"]
+    x = rng.standard_normal((batch, d)).astype(np.float32)
+    emb = rng.standard_normal((batch, d)).astype(np.float32)
+    hid = rng.standard_normal((batch, L, d)).astype(np.float32)
+    t = np.array([0, 17, 999][:batch], np.int64)
+    lengths = [L, 4, 2][:batch]  # right padding, as the CLIP tokenizer gives
+    mask = np.arange(L)[None, :] < np.array(lengths)[:, None]
+    return x, t, emb, hid, mask
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_parity_with_diffusers(name, tmp_path):
+    from diffusers import UnCLIPScheduler
+
+    kwargs = CONFIGS[name]
+    model = _random_diffusers_prior(kwargs)
+    model.save_pretrained(tmp_path / "prior")
+    UnCLIPScheduler(clip_sample_range=5.0, prediction_type="sample",
+                    variance_type="fixed_small_log").save_pretrained(tmp_path / "prior_scheduler")
+
+    config, params = diffusers_prior.load_diffusers_prior(str(tmp_path))
+    assert config.clip_x0 == 5.0 and config.embedding_norm == "meanstd"
+    assert config.num_text_tokens == kwargs["num_embeddings"]
+    assert prior_lib.PriorConfig.from_dict(config.to_dict()) == config
+
+    x, t, emb, hid, mask = _inputs(kwargs)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(emb),
+                     encoder_hidden_states=torch.from_numpy(hid),
+                     attention_mask=torch.from_numpy(mask)).predicted_image_embedding.numpy()
+        want = want.reshape(want.shape[0], -1)  # [B, 1, D] without the prd token
+        want_post = model.post_process_latents(torch.from_numpy(x)).numpy()
+
+    net = prior_lib.PriorTransformer(config)
+    variables = {"params": params}
+    got = jax.jit(net.apply)(variables, x, t, emb, hid, mask)
+    assert got.shape == want.shape == (3, kwargs["embedding_dim"])
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+    assert np.abs(want).max() > 0.1  # a non-trivial output
+
+    # the padded positions really matter: ignoring the mask changes the answer
+    got_nomask = net.apply(variables, x, t, emb, hid, None)
+    assert np.abs(np.asarray(got_nomask)[1:] - want[1:]).max() > 1e-3
+    # text_mask=None means "all tokens real" (the causal mask still applies)
+    full = np.ones_like(mask)
+    np.testing.assert_allclose(np.asarray(got_nomask),
+                               np.asarray(net.apply(variables, x, t, emb, hid, full)), atol=1e-6)
+
+    # post-processing = diffusers' post_process_latents; normalisation inverts it
+    post = net.apply(variables, x, method=prior_lib.PriorTransformer.denormalize)
+    np.testing.assert_allclose(np.asarray(post), want_post, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(prior_lib.denormalize_embedding(x, config, params)), want_post, atol=1e-5)
+    back = prior_lib.normalize_embedding(post, config, variables)
+    np.testing.assert_allclose(np.asarray(back), x, atol=1e-4)
+
+
+def test_init_matches_converted_tree():
+    kwargs = CONFIGS["karlo_like"]
+    config = diffusers_prior.prior_config_from_diffusers(_random_diffusers_prior(kwargs).config)
+    x, t, emb, hid, mask = _inputs(kwargs, batch=2)
+    variables = prior_lib.PriorTransformer(config).init(jax.random.PRNGKey(0), x, t, emb, hid, mask)
+    params = nn.meta.unbox(variables)["params"]
+    assert set(params) >= {"time_embedding", "proj_in", "embedding_proj", "positional_embedding",
+                           "prd_embedding", "blocks_0", "blocks_1", "norm_out",
+                           "proj_to_clip_embeddings", "clip_mean", "clip_std"}
+    assert params["blocks_0"]["attn"]["to_q"]["dense"]["kernel"].shape == (16, 16)
+    # the statistics start as the identity and are excluded from training
+    np.testing.assert_array_equal(params["clip_mean"], 0.0)
+    np.testing.assert_array_equal(params["clip_std"], 1.0)
+    mask_tree = prior_lib.trainable_mask(params)
+    assert mask_tree["clip_mean"] is False and mask_tree["clip_std"] is False
+    assert mask_tree["proj_in"]["dense"]["kernel"] is True
+    grads = jax.grad(lambda p: prior_lib.normalize_embedding(x, config, p).sum())(params)
+    assert float(jnp.abs(grads["clip_mean"]).max()) == 0.0
+    new = prior_lib.set_embedding_stats(params, np.full(16, 2.0), np.full(16, 4.0))
+    np.testing.assert_allclose(prior_lib.normalize_embedding(np.full((1, 16), 6.0), config, new), 1.0)
+
+
+@pytest.mark.parametrize("mode", ["scale", "l2", "none"])
+def test_normalisation_round_trip(mode):
+    d = 24
+    config = prior_lib.PriorConfig(embedding_dim=d, num_layers=1, num_heads=2, head_dim=8,
+                                   num_text_tokens=5, embedding_norm=mode, embedding_scale=17.2)
+    x = np.random.default_rng(0).standard_normal((4, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)  # CLIP embeddings are unit-norm
+    z = prior_lib.normalize_embedding(x * 1.7 if mode == "l2" else x, config)
+    if mode == "l2":
+        np.testing.assert_allclose(np.linalg.norm(z, axis=-1), np.sqrt(d), rtol=1e-5)
+    if mode == "scale":
+        np.testing.assert_allclose(z, x * 17.2, rtol=1e-6)
+    np.testing.assert_allclose(prior_lib.denormalize_embedding(z, config), x, atol=1e-6)
+    # no statistics are created outside 'meanstd'
+    assert "clip_mean" not in prior_lib.init_params(config)
+
+
+def test_wrong_size_checkpoint_raises():
+    kwargs = CONFIGS["karlo_like"]
+    model = _random_diffusers_prior(kwargs)
+    config = diffusers_prior.prior_config_from_diffusers(model.config)
+    sd = dict(model.state_dict())
+    sd["transformer_blocks.1.attn1.to_k.weight"] = torch.zeros(16, 12)
+    with pytest.raises(CheckpointMismatchError, match=r"transformer_blocks\.1\.attn1\.to_k\.weight"
+                       r".*\(16, 12\).*blocks_1/attn/to_k/dense/kernel.*\(16, 16\)"):
+        diffusers_prior.convert_prior(sd, config)
+    # a checkpoint for a different width fails on the first mismatching tensor, naming it
+    bigger = dataclasses.replace(config, embedding_dim=20)
+    with pytest.raises(CheckpointMismatchError, match=r"\(16, 16\).*\(20, 16\)"):
+        diffusers_prior.convert_prior(model.state_dict(), bigger)
+    # a missing tensor is named too
+    sd = dict(model.state_dict())
+    del sd["norm_out.weight"]
+    with pytest.raises(CheckpointMismatchError, match="norm_out.weight"):
+        diffusers_prior.convert_prior(sd, config)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="norm_in_type"):
+        prior_lib.PriorConfig(norm_in_type="group")
+    with pytest.raises(ValueError, match="width"):
+        prior_lib.PriorConfig(num_heads=2, head_dim=8, width=32)
+    with pytest.raises(ValueError, match="additional_embeddings"):
+        prior_lib.PriorConfig(added_emb_type=None, additional_embeddings=4)
+    with pytest.raises(ValueError, match="embedding_norm"):
+        prior_lib.PriorConfig(embedding_norm="zscore")
+    c = prior_lib.PriorConfig()
+    assert c.width == 2048 and c.seq_len == 81
