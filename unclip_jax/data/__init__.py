@@ -1,0 +1,1 @@
+"""Input pipelines: the procedural shapes world, tokenization and dataset builders."""

@@ -1,0 +1,71 @@
+"""Text tokenization for the CLIP text tower, from local tokenizer files only.
+
+``load_tokenizer(path)`` loads a transformers tokenizer saved with ``save_pretrained`` (or a
+directory holding CLIP's ``vocab.json`` + ``merges.txt`` / ``tokenizer.json``) without touching
+the network; ``tokenize`` pads and truncates a batch of prompts to a fixed context length and
+returns numpy int32 arrays ready for ``CLIPTextModelWithProjection``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["load_tokenizer", "tokenize"]
+
+
+def load_tokenizer(path: str) -> Any:
+    """Load a tokenizer from a local directory (never downloads).
+
+    Tries ``AutoTokenizer`` (tokenizer_config.json / tokenizer.json) and falls back to
+    ``CLIPTokenizer`` for a bare ``vocab.json`` + ``merges.txt`` pair. A tokenizer without a pad
+    token gets its eos token as pad token (CLIP's convention).
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no tokenizer directory at {path}")
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        if not (os.path.exists(os.path.join(path, "vocab.json"))
+                and os.path.exists(os.path.join(path, "merges.txt"))):
+            raise
+        tok = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tokenize(tokenizer: Any, prompts: str | Sequence[str],
+             context_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts -> ``(input_ids [B, L], attention_mask [B, L])``, int32, ``L = context_length``.
+
+    Sequences are padded on the right to ``context_length`` and longer ones are truncated (the
+    special tokens, e.g. CLIP's end-of-text token, are kept). If any prompt was truncated, one
+    ``UserWarning`` is emitted for the whole call, naming how many prompts were cut.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        return (np.zeros((0, context_length), np.int32), np.zeros((0, context_length), np.int32))
+    full = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
+    too_long = [i for i, ids in enumerate(full) if len(ids) > context_length]
+    if too_long:
+        longest = max(len(full[i]) for i in too_long)
+        warnings.warn(
+            f"{len(too_long)} of {len(prompts)} prompts are longer than the context length "
+            f"{context_length} (longest: {longest} tokens) and were truncated, e.g. "
+            f"{prompts[too_long[0]][:80]!r}", UserWarning, stacklevel=2)
+    # Right padding always: CLIP pads with its end-of-text token and pools at the first one.
+    enc = tokenizer(prompts, padding="max_length", truncation=True, max_length=context_length,
+                    padding_side="right", return_tensors="np")
+    input_ids = np.asarray(enc["input_ids"], dtype=np.int32)
+    mask = np.asarray(enc["attention_mask"], dtype=np.int32)
+    if input_ids.shape != (len(prompts), context_length):
+        raise ValueError(f"tokenizer returned shape {input_ids.shape}, expected "
+                         f"{(len(prompts), context_length)}")
+    return input_ids, mask
