@@ -11,6 +11,7 @@ CORE = [
     "tokenizers",
     "tensorflow-cpu",
     "tensorflow-datasets",
+    "importlib_resources",  # needed by tensorflow-datasets to build datasets, not declared by it
     "clu",
     "numpy",
     "Pillow",
