@@ -1,0 +1,255 @@
+"""Text -> image with unCLIP: CLIP text encoder -> prior -> decoder -> upsampler(s).
+
+Every stage samples through the one jitted `lax.scan` sampler (`unclip_jax.diffusion.Sampler`);
+classifier-free guidance is one batched call on [cond, uncond]. The pipeline holds the models'
+configs and params and composes them; it is built from a diffusers UnCLIPPipeline directory
+(`UnCLIPPipeline.from_diffusers`) or from components.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax.convert.diffusers_pipeline import StageSampling, load_components
+from unclip_jax.diffusion import Sampler, SamplingConfig
+from unclip_jax.models.clip import CLIPTextModelWithProjection
+from unclip_jax.models.prior import PriorTransformer, denormalize_embedding
+from unclip_jax.models.unet import Decoder, UNet, upsample_input
+
+
+@dataclasses.dataclass
+class Stage:
+    """A diffusion model with its params and how to sample it."""
+
+    config: Any
+    params: Any
+    sampling: StageSampling
+
+
+def _validate(prompts, steps: dict[str, int], guidance: dict[str, float], num_images: int):
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a string or a list of strings")
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    for name, n in steps.items():
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {n!r}")
+    for name, g in guidance.items():
+        try:
+            g = float(g)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number >= 1, got {g!r}") from None
+        if not math.isfinite(g) or g < 1.0:
+            raise ValueError(f"{name} must be a finite number >= 1 (1 = no guidance), got {g!r}")
+    if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
+        raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images!r}")
+    return list(prompts)
+
+
+class UnCLIPPipeline:
+    """unCLIP text-to-image.
+
+    >>> pipe = UnCLIPPipeline.from_diffusers("path/to/karlo")   # a local diffusers directory
+    >>> images = pipe.generate(["a red cube"], seed=0)           # uint8 [N, H, W, 3]
+    """
+
+    def __init__(self, tokenizer, text_encoder: tuple[Any, Any], prior: Stage, decoder: Stage,
+                 super_res_first: Stage, super_res_last: Stage | None = None, *,
+                 prior_candidates: int = 2, progress: bool = True):
+        self.tokenizer = tokenizer
+        self.text_config, self.text_params = text_encoder
+        self.prior, self.decoder = prior, decoder
+        self.super_res_first, self.super_res_last = super_res_first, super_res_last
+        self.prior_candidates = prior_candidates
+        self.progress = progress
+        self.context_length = min(int(self.text_config.max_position_embeddings),
+                                  int(getattr(tokenizer, "model_max_length", 10 ** 9)))
+        self._samplers: dict[tuple, Sampler] = {}
+        # model functions are built once, so each sampler's jitted loop compiles once
+        text_model = CLIPTextModelWithProjection(self.text_config)
+        self._encode = jax.jit(lambda p, ids: text_model.apply({"params": p}, ids))
+        prior_model = PriorTransformer(prior.config)
+        decoder_model = Decoder(decoder.config)
+        self._prior_fn = lambda p, x, t, c: prior_model.apply(
+            {"params": p}, x, t, c["text_embed"], c["text_hidden"], c["text_mask"])
+        self._decoder_fn = lambda p, x, t, c: decoder_model.apply(
+            {"params": p}, x, t, c["image_embed"], c["text_embed"], c["text_hidden"],
+            c["text_mask"], null_image=c["null_image"])
+        first = UNet(super_res_first.config)
+        last = UNet(super_res_last.config) if super_res_last is not None else None
+        self._sr_first_model, self._sr_last_model = first, last
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_diffusers(cls, path: str, **kw) -> "UnCLIPPipeline":
+        """Load a diffusers UnCLIPPipeline directory saved on disk (nothing is downloaded)."""
+        c = load_components(path)
+        last = c["super_res_last"]
+        return cls(
+            c["tokenizer"], c["text_encoder"],
+            Stage(*c["prior"], c["prior_sampling"]),
+            Stage(*c["decoder"], c["decoder_sampling"]),
+            Stage(*c["super_res_first"], c["super_res_sampling"]),
+            Stage(*last, c["super_res_sampling"]) if last is not None else None, **kw)
+
+    @property
+    def image_size(self) -> int:
+        return self.super_res_first.config.sample_size
+
+    # ------------------------------------------------------------------ pieces
+    def _sampler(self, stage: str, steps: int, coefficient_dtype: str) -> Sampler:
+        key = (stage, steps, coefficient_dtype)
+        if key not in self._samplers:
+            st = {"prior": self.prior, "decoder": self.decoder,
+                  "super_res": self.super_res_first}[stage]
+            scfg = SamplingConfig(method="ddpm", steps=steps, spacing="even",
+                                  clip_x0=st.sampling.clip_x0,
+                                  coefficient_dtype=coefficient_dtype)
+            if stage == "prior":
+                fn = self._prior_fn
+            elif stage == "decoder":
+                fn = self._decoder_fn
+            else:
+                fn = self._super_res_fn(int(Sampler(lambda *a: None, st.sampling.diffusion,
+                                                    scfg).timesteps[-1]))
+            self._samplers[key] = Sampler(fn, st.sampling.diffusion, scfg,
+                                          progress=stage if self.progress else False)
+        return self._samplers[key]
+
+    def _super_res_fn(self, last_t: int):
+        first, last = self._sr_first_model, self._sr_last_model
+
+        def fn(params, x, t, c):
+            inp = jnp.concatenate([x, c["low_res"]], axis=-1)
+            if last is None:
+                return first.apply({"params": params["first"]}, inp, t)
+            # diffusers/Karlo: super_res_last takes the final step, super_res_first the others
+            return jax.lax.cond(t[0] == last_t,
+                                lambda: last.apply({"params": params["last"]}, inp, t),
+                                lambda: first.apply({"params": params["first"]}, inp, t))
+        return fn
+
+    def encode_text(self, prompts: Sequence[str]):
+        """Tokenise and encode -> dict(text_embed [B, E], text_hidden [B, L, D], text_mask [B, L]).
+
+        Prompts longer than the context are truncated with one warning. The text encoder sees the
+        causal mask only (as CLIP was trained and as Karlo calls it); the padding mask is returned
+        for the prior and the decoder.
+        """
+        from unclip_jax.data.tokenizer import tokenize
+
+        ids, mask = tokenize(self.tokenizer, list(prompts), self.context_length)
+        out = self._encode(self.text_params, jnp.asarray(ids))
+        return dict(text_embed=out["text_embeds"], text_hidden=out["last_hidden_state"],
+                    text_mask=jnp.asarray(mask, bool))
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: str | Sequence[str], *, seed: int = 0, prior_steps: int = 25,
+                 decoder_steps: int = 25, super_res_steps: int = 7, prior_guidance: float = 4.0,
+                 decoder_guidance: float = 8.0, num_images_per_prompt: int = 1) -> np.ndarray:
+        """Images for the prompts, uint8 [len(prompts) * num_images_per_prompt, H, W, 3]."""
+        out = self.generate_float(prompts, seed=seed, prior_steps=prior_steps,
+                                  decoder_steps=decoder_steps, super_res_steps=super_res_steps,
+                                  prior_guidance=prior_guidance,
+                                  decoder_guidance=decoder_guidance,
+                                  num_images_per_prompt=num_images_per_prompt)
+        return np.asarray(np.round(np.asarray(out["images"]) * 255.0), np.uint8)
+
+    def generate_float(self, prompts, *, seed: int = 0, prior_steps: int = 25,
+                       decoder_steps: int = 25, super_res_steps: int = 7,
+                       prior_guidance: float = 4.0, decoder_guidance: float = 8.0,
+                       num_images_per_prompt: int = 1, prior_candidates: int | None = None,
+                       latents: dict | None = None, noise: dict | None = None,
+                       coefficient_dtype: str = "float64") -> dict[str, Any]:
+        """The whole pipeline in float: returns dict(images [N, H, W, 3] in [0, 1],
+        image_embeds [N, E], low_res [N, h, w, 3] in [-1, 1]).
+
+        `latents` / `noise` (dicts keyed 'prior', 'decoder', 'super_res') replace the initial
+        latents and the per-step noise that are otherwise drawn from `seed` — used to compare
+        with a reference implementation step for step. `coefficient_dtype="float32"` reproduces
+        diffusers' float32 scheduler arithmetic (see SamplingConfig).
+        """
+        prompts = _validate(prompts, dict(prior_steps=prior_steps, decoder_steps=decoder_steps,
+                                          super_res_steps=super_res_steps),
+                            dict(prior_guidance=prior_guidance, decoder_guidance=decoder_guidance),
+                            num_images_per_prompt)
+        k = self.prior_candidates if prior_candidates is None else prior_candidates
+        if k < 1:
+            raise ValueError(f"prior_candidates must be >= 1, got {k}")
+        latents, noise = latents or {}, noise or {}
+        n = len(prompts) * num_images_per_prompt
+        rng = jax.random.key(seed)
+        keys = {name: jax.random.fold_in(rng, i) for i, name in enumerate(
+            ["prior_x", "prior", "decoder_x", "decoder", "super_res_x", "super_res"])}
+        rep = lambda a, r: jnp.repeat(a, r, axis=0)  # noqa: E731
+
+        text = self.encode_text(prompts)
+        null = self.encode_text([""])
+        cond = {k_: rep(v, num_images_per_prompt) for k_, v in text.items()}
+        uncond = {k_: jnp.broadcast_to(v, (n,) + v.shape[1:]) for k_, v in null.items()}
+        guided = prior_guidance > 1.0 or decoder_guidance > 1.0  # as diffusers decides
+
+        # ---- prior: k candidates per image, keep the one closest to the text embedding
+        pcfg = self.prior.config
+        sampler = self._sampler("prior", prior_steps, coefficient_dtype)
+        x = latents.get("prior")
+        if x is None:
+            x = jax.random.normal(keys["prior_x"], (n * k, pcfg.out_dim))
+        elif k != 1:
+            raise ValueError("explicit prior latents need prior_candidates=1")
+        pc = {k_: rep(v, k) for k_, v in cond.items()}
+        pu = {k_: rep(v, k) for k_, v in uncond.items()}
+        z = sampler(self.prior.params, x, pc, pu if guided else None, rng=keys["prior"],
+                    guidance_scale=prior_guidance if guided else 1.0, noise=noise.get("prior"))
+        z = denormalize_embedding(z, pcfg, self.prior.params)
+        if k > 1:
+            z = _pick_closest(z.reshape(n, k, -1), cond["text_embed"])
+        image_embeds = z
+
+        # ---- decoder
+        dcfg = self.decoder.config.unet
+        sampler = self._sampler("decoder", decoder_steps, coefficient_dtype)
+        x = latents.get("decoder")
+        if x is None:
+            x = jax.random.normal(keys["decoder_x"], (n, dcfg.sample_size, dcfg.sample_size,
+                                                       dcfg.in_channels))
+        dc = dict(cond, image_embed=image_embeds, null_image=jnp.zeros((n,), bool))
+        du = dict(uncond, image_embed=image_embeds, null_image=jnp.ones((n,), bool))
+        x = sampler(self.decoder.params, x, dc, du if guided else None, rng=keys["decoder"],
+                    guidance_scale=decoder_guidance if guided else 1.0,
+                    noise=noise.get("decoder"))
+        low_res = jnp.clip(x, -1.0, 1.0)
+
+        # ---- super resolution
+        scfg = self.super_res_first.config
+        size = scfg.sample_size
+        sampler = self._sampler("super_res", super_res_steps, coefficient_dtype)
+        x = latents.get("super_res")
+        if x is None:
+            x = jax.random.normal(keys["super_res_x"], (n, size, size, scfg.in_channels // 2))
+        params = {"first": self.super_res_first.params}
+        if self.super_res_last is not None:
+            params["last"] = self.super_res_last.params
+        up = upsample_input(low_res, size, "bicubic")
+        x = sampler(params, x, {"low_res": up}, rng=keys["super_res"],
+                    noise=noise.get("super_res"))
+        images = jnp.clip(x * 0.5 + 0.5, 0.0, 1.0)
+        return dict(images=images, image_embeds=image_embeds, low_res=low_res)
+
+
+def _pick_closest(candidates, text_embed):
+    """[N, k, E] candidates -> [N, E]: the one with the highest cosine similarity to the text
+    embedding (the paper draws 2 and keeps the higher dot product)."""
+    c = candidates / jnp.linalg.norm(candidates, axis=-1, keepdims=True)
+    t = text_embed / jnp.linalg.norm(text_embed, axis=-1, keepdims=True)
+    best = jnp.argmax(jnp.einsum("nke,ne->nk", c, t), axis=1)
+    return jnp.take_along_axis(candidates, best[:, None, None], axis=1)[:, 0]
