@@ -13,6 +13,7 @@ CORE = [
     "tensorflow-datasets",
     "importlib_resources",  # needed by tensorflow-datasets to build datasets, not declared by it
     "clu",
+    "tensorboard",  # clu's metric writers write TensorBoard summaries through it
     "numpy",
     "Pillow",
     "tqdm",

@@ -23,6 +23,19 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from unclip_jax.train.config import load_config
+    from unclip_jax.train.trainer import train
+
+    config = load_config(args.config, args.overrides)
+    res = train(config, args.workdir, stop_at_step=args.stop_at, progress=not args.quiet)
+    last = res.history[-1] if res.history else {}
+    print(f"[{config.stage}] step {res.step}/{config.total_steps}"
+          + (f", loss {last['loss']:.4f}" if "loss" in last else "")
+          + f"; checkpoints in {args.workdir}/{config.stage}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from unclip_jax.demo import run_demo
 
@@ -49,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_cmd_sample)
 
+    t = sub.add_parser("train", help="train one stage (clip, prior, decoder, upsampler)",
+                       description="Train a stage. Override any config key with "
+                                   "--config.KEY=VALUE (e.g. --config.optimizer.lr=3e-4).")
+    t.add_argument("--config", required=True, help="configs/<stage>.py[:size=...]")
+    t.add_argument("--workdir", required=True, help="checkpoints go to WORKDIR/<stage>/")
+    t.add_argument("--stop-at", type=int, default=None,
+                   help="stop (with a checkpoint) at this step; the same command resumes")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_cmd_train)
+
     d = sub.add_parser("demo", help="the main job on the embedded default (see README)")
     d.add_argument("--workdir", default="workdir/demo")
     d.add_argument("--seed", type=int, default=0)
@@ -59,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    args.overrides = overrides
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:

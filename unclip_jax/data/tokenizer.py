@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["load_tokenizer", "tokenize"]
+__all__ = ["load_tokenizer", "tokenize", "train_tokenizer"]
 
 
 def load_tokenizer(path: str) -> Any:
@@ -69,3 +69,40 @@ def tokenize(tokenizer: Any, prompts: str | Sequence[str],
         raise ValueError(f"tokenizer returned shape {input_ids.shape}, expected "
                          f"{(len(prompts), context_length)}")
     return input_ids, mask
+
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def train_tokenizer(texts: Sequence[str], path: str, *, vocab_size: int = 512,
+                    context_length: int = 32) -> Any:
+    """Train a byte-level BPE tokenizer (HF tokenizers) on `texts`, save it to `path` as a
+    transformers tokenizer (loadable with `load_tokenizer`) and return it.
+
+    Byte-level: any text, including words never seen in training, becomes tokens (no unknowns).
+    Lower-cased; <|startoftext|> ... <|endoftext|> around every text; padding with
+    <|endoftext|> (CLIP's convention), so the end-of-text id is 1 and pooling takes its first
+    position.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ValueError("cannot train a tokenizer on no text")
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, bos), (EOS, eos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
+                                   pad_token=EOS, model_max_length=context_length)
+    fast.save_pretrained(path)
+    return fast

@@ -1,0 +1,50 @@
+"""CLIP stage. Sizes: tiny (CPU tests), demo (the shapes demo), paper / karlo (ViT-L/14, as the
+released OpenAI CLIP that Karlo uses; the paper's ViT-H/16 is unreleased).
+
+    unclip-jax train --config configs/clip.py:size=tiny --config.tokenizer=DIR --workdir W
+"""
+import ml_collections
+
+from unclip_jax.train.config import base_config, parse_arg
+
+SIZES = {
+    "tiny": dict(text=dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2,
+                           num_heads=2, max_position_embeddings=24),
+                 vision=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                             image_size=32, patch_size=8),
+                 projection_dim=32, batch=16, steps=20, image=32),
+    "demo": dict(text=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                           num_heads=4, max_position_embeddings=24),
+                 vision=dict(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
+                             image_size=32, patch_size=8),
+                 projection_dim=64, batch=64, steps=600, image=64),
+    "karlo": dict(text=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                            num_layers=12, num_heads=12, max_position_embeddings=77),
+                  vision=dict(hidden_size=1024, intermediate_size=4096, num_layers=24,
+                              num_heads=16, image_size=224, patch_size=14),
+                  projection_dim=768, batch=32768, steps=400_000, image=224),
+}
+SIZES["paper"] = SIZES["karlo"]
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, size="tiny")
+    if a.size not in SIZES:
+        raise ValueError(f"unknown size {a.size!r}; expected one of {sorted(SIZES)}")
+    s = SIZES[a.size]
+    c = base_config("clip")
+    c.model = ml_collections.ConfigDict(dict(
+        text=dict(s["text"], hidden_act="quick_gelu", eos_token_id=1, bos_token_id=0,
+                  pad_token_id=1, projection_dim=s["projection_dim"]),
+        vision=dict(s["vision"], hidden_act="quick_gelu", projection_dim=s["projection_dim"]),
+        projection_dim=s["projection_dim"], logit_scale_init=2.6592))
+    c.tokenizer = ""  # a tokenizer directory (transformers format)
+    c.batch_size = s["batch"]
+    c.total_steps = s["steps"]
+    c.data.image_size = s["image"]
+    c.optimizer.lr = 1e-3 if a.size in ("tiny", "demo") else 5e-4
+    c.optimizer.warmup_steps = min(100, s["steps"] // 10)
+    c.optimizer.weight_decay = 0.1 if a.size in ("karlo", "paper") else 0.0
+    c.ema.decay = 0.995 if a.size in ("tiny", "demo") else 0.9999
+    c.log_every = 10 if a.size in ("tiny", "demo") else 100
+    return c

@@ -1,0 +1,56 @@
+"""Decoder stage (the unCLIP decoder: CLIP conditioning + ADM UNet). Sizes: tiny (CPU tests),
+demo (32x32), karlo (64x64, 320 x (1,2,3,4), 3 res blocks, attention at 32/16/8, head dim 64,
+learned variance), paper (GLIDE-like, 512 x (1,2,3,4)).
+
+    unclip-jax train --config configs/decoder.py:size=tiny --workdir W   (needs W/clip trained)
+"""
+import ml_collections
+
+from unclip_jax.train.config import base_config, parse_arg
+
+SIZES = {
+    "tiny": dict(channels=(16, 32), layers=1, attn=(False, True), head=8, size=16, clip=32,
+                 context=32, groups=8, batch=8, steps=20, image=32),
+    "demo": dict(channels=(64, 128, 128), layers=2, attn=(False, True, True), head=32, size=32,
+                 clip=64, context=64, groups=32, batch=32, steps=1500, image=64),
+    "karlo": dict(channels=(320, 640, 960, 1280), layers=3, attn=(False, True, True, True),
+                  head=64, size=64, clip=768, context=1536, groups=32, batch=2048,
+                  steps=800_000, image=224),
+    "paper": dict(channels=(512, 1024, 1536, 2048), layers=3, attn=(False, True, True, True),
+                  head=64, size=64, clip=768, context=2048, groups=32, batch=2048,
+                  steps=800_000, image=224),
+}
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, size="tiny")
+    if a.size not in SIZES:
+        raise ValueError(f"unknown size {a.size!r}; expected one of {sorted(SIZES)}")
+    s = SIZES[a.size]
+    c = base_config("decoder")
+    c.model = ml_collections.ConfigDict(dict(
+        unet=dict(in_channels=3, out_channels=6, sample_size=s["size"],
+                  block_out_channels=s["channels"], layers_per_block=s["layers"],
+                  attention_levels=s["attn"], attention_head_dim=s["head"],
+                  norm_groups=s["groups"], dropout=0.0, resnet_time_scale_shift="scale_shift",
+                  resblock_updown=True, context_dim=s["context"], time_cond=True,
+                  dtype="float32", param_dtype="float32"),
+        clip_embed_dim=s["clip"], clip_extra_context_tokens=4))
+    c.diffusion = ml_collections.ConfigDict(dict(
+        schedule="cosine", num_train_steps=1000, prediction="eps", variance="learned_range",
+        beta_start=1e-4, beta_end=0.02))
+    c.loss = ml_collections.ConfigDict({"type": "hybrid", "vlb_weight": 1e-3, "p2_gamma": 0.0})
+    c.cond_drop = ml_collections.ConfigDict({"image": 0.1, "text": 0.5})
+    c.clip_dir = ""
+    c.tokenizer = ""
+    c.batch_size = s["batch"]
+    c.total_steps = s["steps"]
+    c.data.image_size = s["image"]
+    c.optimizer.lr = 1e-3 if a.size in ("tiny", "demo") else 1.2e-4
+    c.optimizer.warmup_steps = min(100, s["steps"] // 10)
+    c.ema.decay = 0.995 if a.size in ("tiny", "demo") else 0.9999
+    c.log_every = 10 if a.size in ("tiny", "demo") else 100
+    if a.size in ("karlo", "paper"):
+        c.model.unet.dtype = "bfloat16"
+        c.model.unet.remat = True
+    return c

@@ -1,0 +1,50 @@
+"""Diffusion prior stage. Sizes: tiny (CPU tests), demo, karlo (width 2048 = 32 x 64, 20 layers,
+77 text tokens), paper (width 2048, 24 blocks, embeddings scaled by 17.2).
+
+    unclip-jax train --config configs/prior.py:size=tiny --workdir W   (needs W/clip trained)
+"""
+import ml_collections
+
+from unclip_jax.train.config import base_config, parse_arg
+
+SIZES = {
+    "tiny": dict(embedding_dim=32, num_layers=2, num_heads=2, head_dim=16, num_text_tokens=24,
+                 batch=16, steps=20, image=32, norm="meanstd"),
+    "demo": dict(embedding_dim=64, num_layers=4, num_heads=4, head_dim=32, num_text_tokens=24,
+                 batch=64, steps=800, image=64, norm="meanstd"),
+    "karlo": dict(embedding_dim=768, num_layers=20, num_heads=32, head_dim=64,
+                  num_text_tokens=77, batch=4096, steps=1_000_000, image=224, norm="meanstd"),
+    "paper": dict(embedding_dim=768, num_layers=24, num_heads=32, head_dim=64,
+                  num_text_tokens=77, batch=4096, steps=1_000_000, image=224, norm="scale"),
+}
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, size="tiny")
+    if a.size not in SIZES:
+        raise ValueError(f"unknown size {a.size!r}; expected one of {sorted(SIZES)}")
+    s = SIZES[a.size]
+    c = base_config("prior")
+    c.model = ml_collections.ConfigDict(dict(
+        embedding_dim=s["embedding_dim"], num_layers=s["num_layers"], num_heads=s["num_heads"],
+        head_dim=s["head_dim"], num_text_tokens=s["num_text_tokens"], dropout=0.0,
+        embedding_norm=s["norm"], embedding_scale=17.2, clip_x0=5.0 if s["norm"] == "meanstd"
+        else None, dtype="float32", param_dtype="float32"))
+    c.diffusion = ml_collections.ConfigDict(dict(
+        schedule="cosine", num_train_steps=1000, prediction="x0", variance="fixed_small_log",
+        beta_start=1e-4, beta_end=0.02))
+    c.cond_drop = ml_collections.ConfigDict({"text": 0.1})
+    c.clip_dir = ""  # default: WORKDIR/clip
+    c.tokenizer = ""  # default: the CLIP stage's tokenizer
+    c.stats_batches = 8
+    c.batch_size = s["batch"]
+    c.total_steps = s["steps"]
+    c.data.image_size = s["image"]
+    c.optimizer.lr = 1e-3 if a.size in ("tiny", "demo") else 1.1e-4
+    c.optimizer.warmup_steps = min(100, s["steps"] // 10)
+    c.optimizer.weight_decay = 0.0 if a.size in ("tiny", "demo") else 6e-2
+    c.ema.decay = 0.995 if a.size in ("tiny", "demo") else 0.9999
+    c.log_every = 10 if a.size in ("tiny", "demo") else 100
+    if a.size in ("karlo", "paper"):
+        c.model.dtype = "bfloat16"
+    return c

@@ -1,0 +1,73 @@
+"""The CLIP stage: a symmetric contrastive loss with a learnable temperature, logits over the
+global batch (the jitted step sees the whole sharded batch)."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax.data.sources import image_text_batches
+from unclip_jax.models.clip import CLIPConfig, CLIPModel, clip_loss
+from unclip_jax.stages.base import Stage
+from unclip_jax.stages.conditioning import clip_pixels, tokenize_captions
+
+
+class CLIPStage(Stage):
+    name = "clip"
+
+    def __init__(self, config, workdir=None):
+        super().__init__(config)
+        self.cfg = CLIPConfig.from_dict(config.model.to_dict())
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from unclip_jax.data.tokenizer import load_tokenizer
+
+            if not self.config.tokenizer:
+                raise ValueError("the CLIP stage needs config.tokenizer (a tokenizer directory)")
+            self._tokenizer = load_tokenizer(self.config.tokenizer)
+        return self._tokenizer
+
+    def model(self):
+        return CLIPModel(self.cfg)
+
+    def model_config(self) -> dict[str, Any]:
+        return self.cfg.to_dict()
+
+    def init_variables(self, rng, batch):
+        pixels = clip_pixels(jnp.asarray(batch["image"]), self.cfg.vision.image_size)
+        return self.model().init(rng, jnp.asarray(batch["input_ids"]), pixels)
+
+    def dummy_batch(self, batch_size):
+        s = int(self.config.data.image_size)
+        return {"image": np.zeros((batch_size, s, s, 3), np.uint8),
+                "input_ids": np.zeros((batch_size, self.cfg.text.max_position_embeddings),
+                                      np.int32)}
+
+    def loss(self, params, batch, rng, frozen):
+        pixels = clip_pixels(batch["image"], self.cfg.vision.image_size)
+        out = self.model().apply({"params": params}, batch["input_ids"], pixels)
+        logits = out["logits_per_text"]
+        loss = clip_loss(logits)
+        labels = jnp.arange(logits.shape[0])
+        acc_t2i = jnp.mean(jnp.argmax(logits, axis=1) == labels)
+        acc_i2t = jnp.mean(jnp.argmax(logits, axis=0) == labels)
+        return loss, {"acc_text_to_image": acc_t2i, "acc_image_to_text": acc_i2t,
+                      "logit_scale": out["logit_scale"]}
+
+    def batches(self, *, batch_size, seed, start_step, process_index, process_count):
+        L = self.cfg.text.max_position_embeddings
+        for raw, skipped in image_text_batches(
+                self.config.data, image_size=int(self.config.data.image_size),
+                batch_size=batch_size, seed=seed, start_step=start_step,
+                process_index=process_index, process_count=process_count):
+            ids, _ = tokenize_captions(self.tokenizer, raw["caption"], L)
+            yield {"image": raw["image"], "input_ids": ids}, skipped
+
+
+def make_stage(config, workdir=None):
+    return CLIPStage(config, workdir)

@@ -1,0 +1,1 @@
+"""One trainer for every stage: meshes and sharding rules, optimizer, Orbax checkpoints, the loop."""

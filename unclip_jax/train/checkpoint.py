@@ -1,0 +1,159 @@
+"""Orbax checkpoints per stage: WORKDIR/<stage>/{config.json, checkpoints/<step>/}.
+
+config.json (the stage, its model config and the training config) is written beside the
+checkpoints so a sampler can rebuild the model with no config file. A workdir whose config.json
+describes a different model is refused before anything is written. If the newest checkpoint cannot
+be read (a partial write), the one before it is used, with a warning.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+
+
+class ConfigMismatchError(ValueError):
+    """The workdir holds a checkpoint of another model configuration."""
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k, "<missing>"), new.get(k, "<missing>"), f"{prefix}{k}.")
+        return out
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        old, new = list(old), list(new)
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def read_stage_config(stage_dir: str) -> dict[str, Any]:
+    path = os.path.join(stage_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {stage_dir}: is it a trained stage?")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class StageCheckpointer:
+    """An async Orbax CheckpointManager for one stage, with keep-last-N and a save interval."""
+
+    def __init__(self, stage_dir: str, stage_config: dict[str, Any], *, keep: int = 3,
+                 every: int = 1000, async_save: bool = True):
+        self.dir = os.path.abspath(stage_dir) if "://" not in stage_dir else stage_dir
+        self.every = every
+        self._check_and_write_config(stage_config)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=max(1, every), create=True,
+            enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(os.path.join(self.dir, "checkpoints"),
+                                             options=options, item_names=("state", "meta"))
+
+    def _check_and_write_config(self, cfg: dict[str, Any]):
+        path = os.path.join(self.dir, CONFIG_FILE)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+            ckpts = os.path.join(self.dir, "checkpoints")
+            has_ckpt = os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts))
+            diffs = _diff({"stage": old.get("stage"), "model": old.get("model")},
+                          {"stage": cfg.get("stage"), "model": cfg.get("model")})
+            if diffs and has_ckpt:
+                raise ConfigMismatchError(
+                    f"{self.dir} holds a checkpoint of another model configuration ("
+                    + "; ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
+                    + "); use another --workdir or remove it")
+        if jax.process_index() == 0:
+            os.makedirs(self.dir, exist_ok=True)
+            tmp = path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(cfg, f, indent=2, sort_keys=True, default=str)
+            os.replace(tmp, path)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, abstract_state) -> tuple[Any, dict, int] | None:
+        """Restore the newest readable checkpoint into the shapes/shardings of `abstract_state`
+        (a tree of jax.ShapeDtypeStruct with shardings). None when there is no checkpoint."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    meta=ocp.args.JsonRestore()))
+            except Exception as e:  # noqa: BLE001 -- a partial write surfaces as many types
+                if _is_shape_mismatch(e):
+                    raise ConfigMismatchError(
+                        f"the checkpoint at step {step} in {self.dir} does not fit this model: "
+                        f"{str(e).splitlines()[0][:300]}") from None
+                nxt = f"; trying step {steps[i + 1]}" if i + 1 < len(steps) else ""
+                log.warning("checkpoint at step %d in %s is unreadable (%s)%s", step, self.dir,
+                            type(e).__name__, nxt)
+                print(f"warning: checkpoint at step {step} is unreadable "
+                      f"({type(e).__name__}){nxt}", flush=True)
+                continue
+            return out["state"], dict(out["meta"] or {}), step
+        if steps:
+            print("warning: no readable checkpoint; starting from scratch", flush=True)
+        return None
+
+    def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(step)
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _is_shape_mismatch(e: Exception) -> bool:
+    s = str(e).lower()
+    return "shape" in s and ("mismatch" in s or "does not match" in s or "incompatible" in s
+                             or "expected" in s)
+
+
+def load_trained(stage_dir: str, which: str = "ema_params") -> tuple[dict[str, Any], Any, int]:
+    """(config.json, params, step) of the newest readable checkpoint of a trained stage.
+
+    `which` is "ema_params" (what sampling uses) or "params". Arrays come back as host numpy.
+    """
+    cfg = read_stage_config(stage_dir)
+    ckdir = os.path.join(stage_dir, "checkpoints")
+    if not os.path.isdir(ckdir):
+        raise FileNotFoundError(f"{stage_dir} has no checkpoints yet")
+    mgr = ocp.CheckpointManager(ckdir, item_names=("state", "meta"),
+                                options=ocp.CheckpointManagerOptions(read_only=True))
+    steps = sorted(mgr.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"{stage_dir} has no checkpoints yet")
+    last_err = None
+    for step in steps:
+        try:
+            out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: checkpoint at step {step} of {stage_dir} is unreadable "
+                  f"({type(e).__name__}); trying an older one", flush=True)
+            last_err = e
+            continue
+        state = out["state"]
+        tree = state[which] if isinstance(state, dict) else getattr(state, which)
+        mgr.close()
+        return cfg, jax.tree.map(lambda a: np.asarray(a), tree), int(step)
+    mgr.close()
+    raise FileNotFoundError(f"no readable checkpoint in {stage_dir}: {last_err}")

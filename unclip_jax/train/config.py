@@ -1,0 +1,113 @@
+"""Training configs: ml_collections `.py` files with `get_config(arg)`, big_vision style.
+
+    unclip-jax train --config configs/decoder.py:size=tiny --config.optimizer.lr=3e-4 --workdir W
+
+`configs/<stage>.py:ARG` calls `get_config(ARG)` ("size=tiny,steps=100" → a dict via
+`parse_arg`); each `--config.a.b=VALUE` then overrides an existing key (the config is locked: a key
+that does not exist is an error), the value parsed as a Python literal of the field's type.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """"size=tiny,steps=10" -> ConfigDict(size='tiny', steps=10), over `defaults`."""
+    out = dict(defaults)
+    for part in (arg or "").split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise ValueError(f"config argument {part!r} is not key=value")
+        k, v = part.split("=", 1)
+        k = k.strip()
+        if k not in out:
+            raise ValueError(f"unknown config argument {k!r}; known: {sorted(out)}")
+        out[k] = _literal(v.strip(), out[k])
+    return ml_collections.ConfigDict(out)
+
+
+def _literal(text: str, like: Any) -> Any:
+    if isinstance(like, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if isinstance(like, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if like is None:
+            return text
+        raise ValueError(f"cannot parse {text!r} as a {type(like).__name__}") from None
+    if isinstance(like, float) and isinstance(value, int):
+        value = float(value)
+    if like is not None and not isinstance(value, type(like)) and not (
+            isinstance(like, (list, tuple)) and isinstance(value, (list, tuple))):
+        raise ValueError(f"expected a {type(like).__name__}, got {text!r}")
+    return value
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Load `path.py[:arg]` and apply `a.b=value` overrides."""
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no config file {path}")
+    mod_spec = importlib.util.spec_from_file_location(
+        f"unclip_config_{abs(hash(os.path.abspath(path)))}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} has no get_config(arg)")
+    config = module.get_config(arg or None)
+    config.lock()
+    for ov in overrides:
+        key, eq, value = ov.partition("=")
+        if not eq:
+            raise ValueError(f"override {ov!r} is not key=value")
+        apply_override(config, key, value)
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, value: str) -> None:
+    node = config
+    parts = key.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+            raise ValueError(f"config key {'.'.join(parts[:i + 1])!r} does not exist")
+        node = node[p]
+    last = parts[-1]
+    if last not in node:
+        raise ValueError(f"config key {key!r} does not exist")
+    with node.unlocked():
+        node[last] = _literal(value, node[last])
+
+
+def base_config(stage: str) -> ml_collections.ConfigDict:
+    """The keys every stage's config has."""
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.seed = 0
+    c.batch_size = 32  # global
+    c.grad_accum = 1
+    c.total_steps = 1000
+    c.log_every = 50
+    c.sample_every = 0
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.sharding = "fsdp"  # dp | fsdp | fsdp_tp
+    c.optimizer = ml_collections.ConfigDict(dict(
+        lr=3e-4, warmup_steps=100, end_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8,
+        weight_decay=0.0, clip_norm=1.0))
+    c.ema = ml_collections.ConfigDict({"decay": 0.9999})
+    c.checkpoint = ml_collections.ConfigDict({"every": 500, "keep": 3, "async_save": True})
+    c.data = ml_collections.ConfigDict(dict(
+        source="shapes", path="", num_examples=8000, seed=0, image_size=64, cache_dir="",
+        shuffle_buffer=10000))
+    return c

@@ -1,0 +1,312 @@
+"""The one trainer: every stage trains through `train(config, workdir)`.
+
+Sections, in order: distributed / mesh — stage (model, loss, data) — abstract init and shardings
+— checkpoint restore or init — the jitted, sharded, donated step (ahead-of-time compiled, its
+compile time, memory and FLOPs logged) — the loop (metrics to TensorBoard through clu, a progress
+bar, periodic checkpoints and sample images, a checkpoint on SIGTERM).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from unclip_jax.train import flops as flops_lib
+from unclip_jax.train.checkpoint import StageCheckpointer
+from unclip_jax.train.optim import make_optimizer
+from unclip_jax.train.sharding import (
+    batch_sharding, data_parallel_size, get_rules, logical_shardings, make_mesh, replicated)
+from unclip_jax.train.state import TrainState, ema_update, opt_state_shardings
+
+
+def maybe_initialize_distributed() -> None:
+    """`jax.distributed.initialize()` when launched as one of several processes: on a TPU pod
+    (auto-detected), under SLURM, or with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES set."""
+    env = os.environ
+    multi = (int(env.get("JAX_NUM_PROCESSES", "1")) > 1
+             or int(env.get("SLURM_NTASKS", "1")) > 1
+             or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+             or int(env.get("MEGASCALE_NUM_SLICES", "1")) > 1)
+    if not multi or jax.distributed.is_initialized():
+        return
+    kw: dict[str, Any] = {}
+    if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_PROCESS_ID"):
+        kw = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                  num_processes=int(env["JAX_NUM_PROCESSES"]),
+                  process_id=int(env["JAX_PROCESS_ID"]))
+    if env.get("JAX_LOCAL_DEVICE_IDS"):  # one process per node (launch/slurm.sh --per-node)
+        kw["local_device_ids"] = [int(i) for i in env["JAX_LOCAL_DEVICE_IDS"].split(",")]
+    jax.distributed.initialize(**kw)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    step: int
+    history: list[dict[str, float]]
+    preempted: bool = False
+
+
+def _validate(config, mesh):
+    gb = int(config.batch_size)
+    dp = data_parallel_size(mesh)
+    if gb <= 0:
+        raise ValueError(f"batch_size must be positive, got {gb}")
+    if gb % jax.process_count():
+        raise ValueError(f"batch_size {gb} does not divide over {jax.process_count()} processes")
+    accum = int(config.get("grad_accum", 1))
+    if accum < 1 or gb % accum:
+        raise ValueError(f"grad_accum {accum} must divide batch_size {gb}")
+    if (gb // accum) % dp:
+        raise ValueError(f"the micro-batch {gb // accum} (batch_size / grad_accum) does not divide "
+                         f"over the mesh's {dp} data-parallel devices (data x fsdp)")
+    if int(config.total_steps) <= 0:
+        raise ValueError(f"total_steps must be positive, got {config.total_steps}")
+
+
+def _stage_record(stage, config) -> dict[str, Any]:
+    return {"stage": stage.name, "model": stage.model_config(),
+            "train": json.loads(config.to_json_best_effort())}
+
+
+def make_train_step(stage, tx, schedule, config, mesh, rules):
+    """The pure update: grads (with accumulation over micro-batches), optax, EMA, metrics."""
+    accum = int(config.get("grad_accum", 1))
+    ema_decay = float(config.ema.decay)
+    base_rng = jax.random.key(int(config.seed))
+    bsh = batch_sharding(mesh)
+
+    def loss_fn(params, batch, rng, frozen):
+        return stage.loss(params, batch, rng, frozen)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step_fn(state: TrainState, batch, frozen):
+        rng = jax.random.fold_in(base_rng, state.step)
+        with nn.logical_axis_rules(rules):
+            if accum == 1:
+                (loss, aux), grads = grad_fn(state.params, batch, rng, frozen)
+            else:
+                def split(x):  # [B, ...] -> [accum, B/accum, ...], each device keeping its rows
+                    x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+                    return jnp.moveaxis(x, 1, 0)
+
+                micro = jax.tree.map(split, batch)
+
+                def body(carry, xs):
+                    i, mb = xs
+                    mb = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, bsh), mb)
+                    (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), frozen)
+                    gs, ls, auxs = carry
+                    return (jax.tree.map(jnp.add, gs, g), ls + l,
+                            jax.tree.map(jnp.add, auxs, a)), None
+
+                zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+                aux0 = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(
+                    lambda a: a[0], micro), rng, frozen)[0][1])
+                zeros_a = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
+                (grads, loss, aux), _ = jax.lax.scan(
+                    body, (zeros_g, jnp.float32(0.0), zeros_a), (jnp.arange(accum), micro))
+                grads = jax.tree.map(lambda g: g / accum, grads)
+                loss = loss / accum
+                aux = jax.tree.map(lambda a: a / accum, aux)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = ema_update(state.ema_params, params, state.step, ema_decay)
+        metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads),
+                       param_norm=optax.global_norm(params), lr=schedule(state.step))
+        return TrainState(state.step + 1, params, opt_state, ema), metrics
+
+    return step_fn
+
+
+def train(config, workdir: str, *, stop_at_step: int | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train `config.stage` into WORKDIR/<stage>/ (resuming from its newest checkpoint).
+
+    `stop_at_step` ends the run at that step with a checkpoint, as a preemption would.
+    """
+    from unclip_jax.stages import build_stage
+
+    maybe_initialize_distributed()
+    # ---- mesh
+    mesh = make_mesh(dict(config.mesh))
+    rules = get_rules(config.sharding if isinstance(config.sharding, str)
+                      else list(config.sharding))
+    _validate(config, mesh)
+    pc, pi = jax.process_count(), jax.process_index()
+    per_host = int(config.batch_size) // pc
+    total = int(config.total_steps)
+
+    # ---- stage
+    stage = build_stage(config, workdir)
+    stage_dir = os.path.join(workdir, stage.name)
+    ckpt = StageCheckpointer(stage_dir, _stage_record(stage, config),
+                             keep=int(config.checkpoint.keep), every=int(config.checkpoint.every),
+                             async_save=bool(config.checkpoint.get("async_save", True)))
+
+    # ---- abstract init and shardings
+    dummy = stage.dummy_batch(max(1, data_parallel_size(mesh)))
+    init_rng = jax.random.key(int(config.seed) + 1)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(lambda r: stage.init_variables(r, dummy), init_rng)
+    params_sh = logical_shardings(boxed["params"], mesh, rules)
+    params_abs = nn.unbox(boxed["params"])
+    trainable = stage.trainable(params_abs)
+    tx, schedule = make_optimizer(config.optimizer, total, trainable)
+    opt_abs = jax.eval_shape(tx.init, params_abs)
+    opt_sh = opt_state_shardings(opt_abs, params_abs, params_sh, mesh)
+    state_sh = TrainState(replicated(mesh), params_sh, opt_sh, params_sh)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        TrainState(jax.ShapeDtypeStruct((), jnp.int32), params_abs, opt_abs, params_abs),
+        state_sh)
+
+    frozen, frozen_sh = None, None
+    fz = stage.frozen()
+    if fz is not None:
+        frozen_boxed, frozen_params = fz
+        frozen_sh = logical_shardings(frozen_boxed, mesh, rules)
+        frozen = jax.device_put(frozen_params, frozen_sh)
+
+    # ---- restore or init
+    restored = ckpt.restore(abstract_state)
+    if restored is not None:
+        state, meta, start = restored
+        skipped_total = int(meta.get("skipped", 0))
+        print(f"[{stage.name}] resumed from step {start} in {stage_dir}", flush=True)
+    else:
+        start, skipped_total = 0, 0
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            params = jax.jit(lambda r: nn.unbox(stage.init_variables(r, dummy)["params"]),
+                             out_shardings=params_sh)(init_rng)
+            params = stage.post_init(params, stage.batches(
+                batch_size=per_host, seed=int(config.seed), start_step=0, process_index=pi,
+                process_count=pc))
+            params = jax.device_put(params, params_sh)
+            opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+            ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=params_sh)(params)
+        state = TrainState(jax.device_put(jnp.int32(0), replicated(mesh)), params, opt_state, ema)
+
+    # ---- the step: jit with shardings (pjit), donated state, compiled ahead of time
+    step_fn = make_train_step(stage, tx, schedule, config, mesh, rules)
+    bsh = batch_sharding(mesh)
+    batch_abs = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct((int(config.batch_size),) + a.shape[1:], a.dtype,
+                                       sharding=bsh), stage.dummy_batch(1))
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, bsh, frozen_sh),
+                     out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
+    t0 = time.time()
+    with jax.set_mesh(mesh):
+        compiled = jitted.lower(abstract_state, batch_abs, frozen).compile()
+    compile_s = time.time() - t0
+    step_flops = stage.flops_per_example()
+    step_flops = (step_flops * int(config.batch_size) / jax.device_count() if step_flops
+                  else flops_lib.compiled_flops(compiled))
+    peak = flops_lib.peak_flops()
+    mem = flops_lib.memory_summary(compiled)
+    if pi == 0:
+        print(f"[{stage.name}] compiled the train step in {compile_s:.1f}s; per device: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in mem.items()), flush=True)
+
+    # ---- the loop
+    from clu import metric_writers
+
+    writer = metric_writers.create_default_writer(os.path.join(stage_dir, "tb"),
+                                                  just_logging=pi > 0)
+    if start == 0 and pi == 0:
+        writer.write_hparams({k: v for k, v in _flat(json.loads(config.to_json_best_effort()))
+                              .items() if isinstance(v, (int, float, str, bool))})
+    preempted = {"flag": False}
+    old_handler = _install_sigterm(preempted)
+    batches = stage.batches(batch_size=per_host, seed=int(config.seed), start_step=start,
+                            process_index=pi, process_count=pc)
+    history: list[dict[str, float]] = []
+    log_every = max(1, int(config.log_every))
+    sample_every = int(config.get("sample_every", 0) or 0)
+    bar = None
+    if progress and pi == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=f"train {stage.name}", dynamic_ncols=True)
+    step = start
+    t_last, steps_since = time.time(), 0
+    try:
+        while step < total:
+            host_batch, skipped = next(batches)
+            skipped_total += int(skipped)
+            batch = {k: jax.make_array_from_process_local_data(bsh, np.asarray(v))
+                     for k, v in host_batch.items()}
+            state, metrics = compiled(state, batch, frozen)
+            step += 1
+            steps_since += 1
+            if bar is not None:
+                bar.update(1)
+            stop = (stop_at_step is not None and step >= stop_at_step) or preempted["flag"] \
+                or ckpt.reached_preemption(step)
+            if step % log_every == 0 or step == total or stop:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = max(time.time() - t_last, 1e-9)
+                m["steps_per_s"] = steps_since / dt
+                m["examples_per_s"] = m["steps_per_s"] * int(config.batch_size)
+                m["skipped_examples"] = float(skipped_total)
+                if step_flops:
+                    m["tflops_per_device"] = step_flops * m["steps_per_s"] / 1e12
+                    if peak:
+                        m["mfu"] = step_flops * m["steps_per_s"] / peak
+                t_last, steps_since = time.time(), 0
+                writer.write_scalars(step, m)
+                history.append(dict(m, step=step))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+                if not all(math.isfinite(v) for v in (m["loss"], m["grad_norm"])):
+                    raise FloatingPointError(
+                        f"[{stage.name}] non-finite loss or gradient at step {step}: {m}")
+            if sample_every and step % sample_every == 0 and pi == 0:
+                imgs = stage.sample_images(state.ema_params, frozen, jax.random.key(step))
+                if imgs is not None:
+                    writer.write_images(step, {"samples": np.asarray(imgs)})
+            ckpt.save(step, state, {"skipped": skipped_total}, force=stop or step == total)
+            if stop:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        signal.signal(signal.SIGTERM, old_handler) if old_handler is not None else None
+        ckpt.close()
+        writer.flush()
+    stopped = step < total
+    if stopped and pi == 0:
+        print(f"[{stage.name}] stopped at step {step}; the same command resumes", flush=True)
+    return TrainResult(state=state, step=step, history=history, preempted=stopped)
+
+
+def _install_sigterm(flag: dict):
+    """On SIGTERM finish the current step, save a checkpoint and return (preemption)."""
+    def handler(signum, frame):
+        flag["flag"] = True
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread
+        return None
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
