@@ -46,15 +46,19 @@ def shapes_arrays(n: int, seed: int, image_size: int, split: str = "train",
     return d
 
 
-def _step_rng(seed: int, step: int, process_index: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(step), int(process_index),
-                                                         0x5EED]))
+def _step_rng(seed: int, step: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(step), 0x5EED]))
 
 
 def image_text_batches(data_cfg, *, image_size: int, batch_size: int, seed: int, start_step: int,
                        process_index: int = 0, process_count: int = 1
                        ) -> Iterator[tuple[dict[str, Any], int]]:
-    """Batches dict(image uint8 [B,S,S,3], caption list[str]) with the count of skipped examples."""
+    """Batches dict(image uint8 [B,S,S,3], caption list[str]) with the count of skipped examples.
+
+    `batch_size` is per process. For the shapes source the *global* batch of a step is drawn
+    from (seed, step) and each process takes its rows, so the data do not depend on how many
+    processes share it (a 2-host run sees the batches of a 1-host run).
+    """
     source = data_cfg.source
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; expected one of {SOURCES}")
@@ -62,11 +66,13 @@ def image_text_batches(data_cfg, *, image_size: int, batch_size: int, seed: int,
         d = shapes_arrays(int(data_cfg.num_examples), int(data_cfg.get("seed", 0)), image_size,
                           cache_dir=data_cfg.get("cache_dir") or None)
         n = len(d["image"])
+        rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
         step = start_step
         while True:
-            rng = _step_rng(seed, step, process_index)
-            idx = rng.integers(n, size=batch_size)
-            caps = [d["captions"][i][int(rng.integers(len(d["captions"][i])))] for i in idx]
+            rng = _step_rng(seed, step)
+            idx = rng.integers(n, size=batch_size * process_count)[rows]
+            pick = rng.random(batch_size * process_count)[rows]
+            caps = [d["captions"][i][int(u * len(d["captions"][i]))] for i, u in zip(idx, pick)]
             yield {"image": d["image"][idx], "caption": caps}, 0
             step += 1
     yield from _tfdata_batches(data_cfg, image_size=image_size, batch_size=batch_size, seed=seed,
@@ -76,14 +82,20 @@ def image_text_batches(data_cfg, *, image_size: int, batch_size: int, seed: int,
 
 def _tfdata_batches(data_cfg, *, image_size, batch_size, seed, start_step, process_index,
                     process_count):
-    """Real image–caption data through tf.data (TensorFlow kept off accelerators)."""
+    """Real image–caption data through tf.data (TensorFlow kept off accelerators). Each process
+    reads its own shards; a resumed run skips the batches already seen (same seed, same order)."""
     from unclip_jax.data import pipelines
 
     kw = dict(image_size=image_size, process_index=process_index, process_count=process_count,
               seed=seed)
+    if not data_cfg.path:
+        raise ValueError(f"data.source={data_cfg.source!r} needs data.path")
     if data_cfg.source == "webdataset":
         ds = pipelines.webdataset_pairs(data_cfg.path, **kw)
     else:
         ds = pipelines.folder_pairs(data_cfg.path, **kw)
-    yield from pipelines.resumable_batches(ds, batch_size, seed=seed, start_step=start_step,
-                                           shuffle_buffer=int(data_cfg.get("shuffle_buffer", 10000)))
+    ds = pipelines.batched(ds, batch_size * process_count, process_count=process_count,
+                           shuffle_buffer=int(data_cfg.get("shuffle_buffer", 10000)), seed=seed)
+    for b in pipelines.as_numpy_iterator(ds.skip(start_step)):
+        caps = [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in b["caption"]]
+        yield {"image": b["image"], "caption": caps}, int(np.sum(b["skipped"]))

@@ -1,0 +1,707 @@
+"""tf.data input pipelines for real data: image-caption pairs and precomputed CLIP embeddings.
+
+Sources
+-------
+* :func:`webdataset_pairs` -- the webdataset layout `img2dataset` writes: tar shards
+  (``00000.tar``, ``00001.tar``, ...) whose members are grouped by key, e.g. ``000000001.jpg``,
+  ``000000001.txt`` (the caption), ``000000001.json``.  The ``*_stats.json`` / ``*.parquet``
+  files beside the shards are ignored.
+* :func:`folder_pairs` -- a folder (searched recursively) of images (jpg, png, webp, ...), each
+  with a caption file of the same stem: ``cat.jpg`` + ``cat.txt``.
+* :func:`clip_embedding_pairs` -- the `clip-retrieval` embedding layout, for training the prior
+  without touching images: ``img_emb/img_emb_{i}.npy`` and ``text_emb/text_emb_{i}.npy``
+  (float16/float32 ``[N_i, D]``, rows matched by index), optionally the captions from
+  ``metadata/metadata_{i}.parquet`` (needs ``pyarrow``; the ``.npy`` arrays alone need nothing).
+
+Image-caption sources yield dicts ``image`` uint8 ``[S, S, 3]`` (decoded with Pillow, alpha
+composited on white, centre-cropped to a square and resized to ``image_size``), ``caption``
+tf.string (whitespace-stripped), ``key`` tf.string, ``valid`` bool and ``skipped`` int32.
+
+Skipped examples
+----------------
+An undecodable image, a missing image or caption member, or an empty/whitespace caption (for the
+embeddings: a row with a non-finite value) never raises: the example is *invalid*.  With
+``drop_invalid=True`` (the default) invalid examples are removed from the stream and **counted on
+the examples that remain**: every kept example carries ``skipped`` = the number of invalid
+examples dropped next to it (the invalid examples after a kept one are charged to it; those
+before the first kept example of a pass go to that first one).  So
+
+    sum of ``skipped`` over one pass of the data == number of invalid examples in that pass
+
+exactly (as long as the pass holds at least one valid example), and because the count travels
+inside the examples it survives shuffling, batching, ``repeat`` and the tf.data iterator
+checkpoint, and becomes part of the global batch: the trainer reports
+``batch["skipped"].sum()`` as its "skipped examples" metric (summed over hosts for free once the
+batch is a global array, see :func:`to_global_arrays`).  With ``drop_invalid=False`` every
+example is kept, with ``valid`` telling which are usable (invalid images are zeros) and
+``skipped`` = 1 for the invalid ones -- for callers that prefer masking to filtering.
+
+Several hosts
+-------------
+Every source takes ``process_index`` / ``process_count`` (pass ``jax.process_index()`` and
+``jax.process_count()``): shard files (folder: images) ``i::process_count`` go to process ``i``,
+so hosts read disjoint parts whose union is everything.  :func:`batched` makes per-host batches
+of ``global_batch_size // process_count`` and :func:`to_global_arrays` joins them into global
+``jax.Array`` batches.  (For TFDS-built data use ``tfds.even_splits("train", process_count)``,
+see :mod:`unclip_jax.data.tfds_builders`.)
+
+TensorFlow is imported lazily and is told to see no GPU, so it never takes accelerator memory.
+Paths may be local or anything ``tf.io.gfile`` reads (``gs://...``).
+
+Example::
+
+    from unclip_jax.data import pipelines as P
+    ds = P.webdataset_pairs("/data/laion/{00000..00099}.tar", image_size=64,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+    ds = P.batched(ds, global_batch_size=256, process_count=jax.process_count(), seed=0)
+    for batch in P.as_numpy_iterator(ds):
+        tokens = tokenizer(batch["caption"])                 # strings stay on the host
+        arrays = P.to_global_arrays({"image": batch["image"], "tokens": tokens,
+                                     "skipped": batch["skipped"]}, data_sharding)
+"""
+
+from __future__ import annotations
+
+import functools
+import glob as _glob
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: File extensions read as images (webdataset member extensions and folder files, lower case).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+#: Name of the per-example count of dropped invalid examples (see the module docstring).
+SKIPPED_KEY = "skipped"
+_FINITE_CHUNK = 4096  # embedding rows per read
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorFlow, off the GPU
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _tf():
+    """Import TensorFlow and hide every GPU from it (once)."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except (RuntimeError, ValueError):  # already initialised: nothing we can change any more
+        log.debug("TensorFlow devices already initialised; leaving them as they are")
+    return tf
+
+
+def _options(tf):
+    opts = tf.data.Options()
+    opts.deterministic = True
+    return opts
+
+
+# ---------------------------------------------------------------------------------------------
+# Files (local or tf.io.gfile)
+# ---------------------------------------------------------------------------------------------
+
+
+def _remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _open(path: str):
+    if _remote(path):
+        return _tf().io.gfile.GFile(path, "rb")
+    return open(path, "rb")
+
+
+def _read_bytes(path: str) -> bytes:
+    with _open(path) as f:
+        return f.read()
+
+
+def _exists(path: str) -> bool:
+    return _tf().io.gfile.exists(path) if _remote(path) else os.path.exists(path)
+
+
+def _isdir(path: str) -> bool:
+    return _tf().io.gfile.isdir(path) if _remote(path) else os.path.isdir(path)
+
+
+def _glob_files(pattern: str) -> list[str]:
+    if _remote(pattern):
+        return sorted(_tf().io.gfile.glob(pattern))
+    return sorted(_glob.glob(pattern))
+
+
+def _brace_expand(pattern: str) -> list[str]:
+    """Expand webdataset-style numeric ranges: ``a/{00000..00009}.tar`` -> 10 names."""
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    lo, hi = m.group(1), m.group(2)
+    width = len(lo) if lo.startswith("0") else 0
+    out = []
+    for i in range(int(lo), int(hi) + 1):
+        out.extend(_brace_expand(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():]))
+    return out
+
+
+def list_shards(pattern_or_files: str | os.PathLike | Sequence[str],
+                ext: str = ".tar") -> list[str]:
+    """Sorted shard files from a list, a directory (every ``*{ext}`` in it), a glob pattern or a
+    ``{00000..00099}`` range.  Raises ``FileNotFoundError`` if nothing matches."""
+    if isinstance(pattern_or_files, (str, os.PathLike)):
+        pattern = os.fspath(pattern_or_files)
+        if _isdir(pattern):
+            files = _glob_files(os.path.join(pattern, "*" + ext))
+        else:
+            files = []
+            for p in _brace_expand(pattern):
+                files.extend(_glob_files(p) if any(c in p for c in "*?[") else
+                             ([p] if _exists(p) else []))
+        files = sorted(set(files))
+    else:
+        files = [os.fspath(f) for f in pattern_or_files]
+    if not files:
+        raise FileNotFoundError(f"no shard files match {pattern_or_files!r}")
+    return files
+
+
+def _process_part(items: Sequence, process_index: int, process_count: int, what: str) -> list:
+    """Items ``process_index::process_count``; every process must get at least one."""
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"bad process_index={process_index} / process_count={process_count}")
+    part = list(items[process_index::process_count])
+    if not part:
+        raise ValueError(f"{len(items)} {what} cannot be split over {process_count} processes: "
+                         f"process {process_index} would read nothing (use more, smaller shards)")
+    return part
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding (pure Python + Pillow; shared with the TFDS builders)
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_caption(data: bytes | str | None) -> str:
+    """The caption as stripped text ('' when missing, empty or only whitespace)."""
+    if data is None:
+        return ""
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", errors="replace")
+    return data.strip()
+
+
+def decode_image(data: bytes | None, image_size: int) -> np.ndarray | None:
+    """Decode image bytes to uint8 ``[S, S, 3]``: alpha composited on white, centre-cropped to a
+    square and resized (bicubic) to ``image_size``.  ``None`` when the bytes do not decode."""
+    if not data:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (image_size, image_size))  # decode at a reduced scale >= target
+            im.load()
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                im = Image.new("RGB", rgba.size, (255, 255, 255))
+                im.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                im = im.convert("RGB")
+            w, h = im.size
+            if w < 1 or h < 1:
+                return None
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            im = im.resize((image_size, image_size), Image.BICUBIC,
+                           box=(left, top, left + side, top + side))
+            arr = np.asarray(im, dtype=np.uint8)
+    except Exception:  # noqa: BLE001 -- any failure of any codec means "undecodable"
+        return None
+    if arr.shape != (image_size, image_size, 3):
+        return None
+    return arr
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    """webdataset convention: key = path up to the first '.' of the basename, rest = field."""
+    d, base = os.path.split(name)
+    stem, dot, ext = base.partition(".")
+    return (os.path.join(d, stem) if d else stem), ext.lower()
+
+
+def iter_webdataset_samples(path: str, caption_ext: str = "txt") -> Iterator[dict]:
+    """Raw samples of one webdataset tar shard, in order: dicts ``key`` (str), ``image`` (bytes
+    or None), ``caption`` (bytes or None), ``json`` (bytes or None).  Members of a sample are
+    consecutive; a truncated or corrupt shard ends early with a warning, never an exception."""
+    current: dict | None = None
+
+    def add(sample, ext, data):
+        if ext in IMAGE_EXTENSIONS:
+            if sample["image"] is None:
+                sample["image"] = data
+        elif ext == caption_ext:
+            sample["caption"] = data
+        elif ext == "json":
+            sample["json"] = data
+
+    try:
+        with _open(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_member_name(member.name)
+                if not key or key.startswith(".") or not ext:
+                    continue
+                wanted = ext in IMAGE_EXTENSIONS or ext in (caption_ext, "json")
+                data = tar.extractfile(member).read() if wanted else None
+                if current is None or current["key"] != key:
+                    if current is not None:
+                        yield current
+                    current = {"key": key, "image": None, "caption": None, "json": None}
+                if wanted:
+                    add(current, ext, data)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        log.warning("webdataset shard %s is corrupt or truncated (%s); reading stops there",
+                    path, e)
+    if current is not None:
+        yield current
+
+
+def decode_pair(image_bytes: bytes | None, caption: bytes | str | None,
+                image_size: int) -> tuple[np.ndarray, str, bool]:
+    """``(image, caption, valid)`` of one example; an invalid example has a zero image."""
+    text = decode_caption(caption)
+    image = decode_image(image_bytes, image_size) if text else None
+    if image is None:
+        return np.zeros((image_size, image_size, 3), np.uint8), text, False
+    return image, text, True
+
+
+def list_image_folder(root: str, caption_ext: str = "txt") -> list[tuple[str, str]]:
+    """Sorted ``(image_path, caption_path)`` pairs of a folder, searched recursively; the caption
+    path is '' where the image has no caption file (such an example is invalid)."""
+    root = os.fspath(root)
+    walk = _tf().io.gfile.walk if _remote(root) else os.walk
+    pairs = []
+    for dirpath, _, filenames in walk(root):
+        names = set(filenames)
+        for name in filenames:
+            stem, dot, ext = name.rpartition(".")
+            if dot and ext.lower() in IMAGE_EXTENSIONS:
+                cap = f"{stem}.{caption_ext}"
+                pairs.append((os.path.join(dirpath, name),
+                              os.path.join(dirpath, cap) if cap in names else ""))
+    if not pairs:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
+    return sorted(pairs)
+
+
+def load_folder_example(image_path: str, caption_path: str,
+                        image_size: int) -> tuple[np.ndarray, str, bool]:
+    """Read and decode one folder example (unreadable files make it invalid)."""
+    try:
+        caption = _read_bytes(caption_path) if caption_path else None
+        data = _read_bytes(image_path) if decode_caption(caption) else None
+    except Exception:  # noqa: BLE001 -- vanished or unreadable file
+        caption, data = None, None
+    return decode_pair(data, caption, image_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropping invalid examples while counting them
+# ---------------------------------------------------------------------------------------------
+
+
+def _drop_invalid_counting(ds):
+    """Remove examples whose ``valid`` is False; every kept example gets ``skipped`` (int32), the
+    number of removed examples charged to it (see the module docstring).
+
+    A ``scan`` holds back the latest valid example and charges the invalid ones that follow it;
+    a sentinel appended to the (finite) stream flushes the last one, so nothing is lost at the end.
+    """
+    tf = _tf()
+    spec = ds.element_spec
+    blank = {k: tf.zeros(s.shape, s.dtype) for k, s in spec.items()}
+    body = ds.map(lambda ex: {**ex, "_end": tf.constant(False)})
+    sentinel = tf.data.Dataset.from_tensors({**blank, "_end": tf.constant(True)})
+    stream = body.concatenate(sentinel)
+
+    def step(state, ex):
+        have, held, count = state
+        end = ex["_end"]
+        valid = tf.logical_and(ex["valid"], tf.logical_not(end))
+        emit = tf.logical_and(have, tf.logical_or(valid, end))
+        out = {**held, SKIPPED_KEY: count, "_emit": emit}
+        new_held = {k: tf.where(valid, ex[k], held[k]) for k in held}
+        dropped = tf.cast(tf.logical_not(tf.logical_or(valid, end)), tf.int32)
+        new_count = tf.where(valid, tf.where(have, 0, count), count + dropped)
+        return (tf.logical_or(have, valid), new_held, new_count), out
+
+    init = (tf.constant(False), blank, tf.constant(0, tf.int32))
+    kept = stream.scan(init, step).filter(lambda ex: ex["_emit"])
+    return kept.map(lambda ex: {k: v for k, v in ex.items() if k != "_emit"})
+
+
+def _finish(ds, drop_invalid: bool):
+    tf = _tf()
+    if drop_invalid:
+        ds = _drop_invalid_counting(ds)
+    else:
+        ds = ds.map(lambda ex: {**ex, SKIPPED_KEY: 1 - tf.cast(ex["valid"], tf.int32)})
+    return ds.with_options(_options(tf))
+
+
+# ---------------------------------------------------------------------------------------------
+# Image-caption sources
+# ---------------------------------------------------------------------------------------------
+
+
+def _py_bytes(x) -> bytes:
+    """A scalar string argument of ``tf.numpy_function`` as ``bytes`` (NUL bytes kept)."""
+    if isinstance(x, np.ndarray):
+        x = x.item()
+    return bytes(x)
+
+
+def _decode_map(image_size: int):
+    """A tf.data map: raw (image bytes, caption bytes) -> image, caption, valid (Pillow, in
+    parallel threads; Pillow releases the GIL while it decodes)."""
+    tf = _tf()
+
+    def py_decode(image_bytes, caption):
+        image, text, valid = decode_pair(_py_bytes(image_bytes), _py_bytes(caption), image_size)
+        return image, text.encode("utf-8"), np.bool_(valid)
+
+    def fn(ex):
+        ok = ex["complete"]
+        image, caption, valid = tf.numpy_function(
+            py_decode, [ex["image_bytes"], ex["caption"]], [tf.uint8, tf.string, tf.bool],
+            stateful=False)
+        image.set_shape((image_size, image_size, 3))
+        caption.set_shape(())
+        valid.set_shape(())
+        return {"image": image, "caption": caption, "key": ex["key"],
+                "valid": tf.logical_and(ok, valid)}
+
+    return fn
+
+
+def webdataset_pairs(pattern_or_files, *, image_size: int, process_index: int = 0,
+                     process_count: int = 1, shuffle_files: bool = True, seed: int = 0,
+                     drop_invalid: bool = True, caption_ext: str = "txt", cycle_length: int = 4):
+    """Image-caption pairs from webdataset tar shards (the layout `img2dataset` writes).
+
+    Args:
+      pattern_or_files: a directory of ``*.tar``, a glob (``/d/*.tar``), a range
+        (``/d/{00000..00099}.tar``) or a list of shard paths.
+      image_size: side of the square output images.
+      process_index, process_count: this host reads shards ``process_index::process_count`` of
+        the sorted shard list.
+      shuffle_files: visit this host's shards in an order shuffled by ``seed`` (reshuffled every
+        pass when the dataset is repeated); ``cycle_length`` shards are read interleaved.
+      drop_invalid: remove invalid examples, counting them in ``skipped`` (module docstring).
+      caption_ext: the member extension holding the caption.
+
+    Returns:
+      A finite ``tf.data.Dataset`` of dicts ``image`` uint8 [S,S,3], ``caption`` string,
+      ``key`` string (``shard.tar/member key``), ``valid`` bool, ``skipped`` int32.
+    """
+    tf = _tf()
+    files = _process_part(list_shards(pattern_or_files), process_index, process_count, "shards")
+
+    def gen(path):
+        path = os.fsdecode(path)
+        shard = os.path.basename(path)
+        for s in iter_webdataset_samples(path, caption_ext=caption_ext):
+            yield {"key": f"{shard}/{s['key']}", "image_bytes": s["image"] or b"",
+                   "caption": s["caption"] or b"",
+                   "complete": s["image"] is not None and s["caption"] is not None}
+
+    sig = {"key": tf.TensorSpec((), tf.string), "image_bytes": tf.TensorSpec((), tf.string),
+           "caption": tf.TensorSpec((), tf.string), "complete": tf.TensorSpec((), tf.bool)}
+    fds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle_files and len(files) > 1:
+        fds = fds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    raw = fds.interleave(
+        lambda p: tf.data.Dataset.from_generator(gen, output_signature=sig, args=(p,)),
+        cycle_length=max(1, min(cycle_length, len(files))), block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = raw.map(_decode_map(image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _finish(ds, drop_invalid)
+
+
+def folder_pairs(root, *, image_size: int, process_index: int = 0, process_count: int = 1,
+                 shuffle_files: bool = True, seed: int = 0, drop_invalid: bool = True,
+                 caption_ext: str = "txt"):
+    """Image-caption pairs from a folder (searched recursively) of images, each with a caption
+    file of the same stem (``a/cat.png`` + ``a/cat.txt``).  An image without a caption file is
+    invalid.  Images ``process_index::process_count`` of the sorted list go to this process;
+    ``shuffle_files`` shuffles them by ``seed`` (every pass).  Same output as
+    :func:`webdataset_pairs` (``key`` = the path relative to ``root``)."""
+    tf = _tf()
+    root = os.fspath(root)
+    pairs = _process_part(list_image_folder(root, caption_ext), process_index, process_count,
+                          "images")
+    images = [p for p, _ in pairs]
+    captions = [c for _, c in pairs]
+    keys = [os.path.relpath(p, root) if not _remote(root) else p[len(root):].lstrip("/")
+            for p in images]
+    ds = tf.data.Dataset.from_tensor_slices({"image": images, "caption": captions, "key": keys})
+    if shuffle_files and len(pairs) > 1:
+        ds = ds.shuffle(len(pairs), seed=seed, reshuffle_each_iteration=True)
+
+    def py_load(image_path, caption_path):
+        image, text, valid = load_folder_example(os.fsdecode(_py_bytes(image_path)),
+                                                 os.fsdecode(_py_bytes(caption_path)), image_size)
+        return image, text.encode("utf-8"), np.bool_(valid)
+
+    def load(ex):
+        image, caption, valid = tf.numpy_function(
+            py_load, [ex["image"], ex["caption"]], [tf.uint8, tf.string, tf.bool], stateful=False)
+        image.set_shape((image_size, image_size, 3))
+        caption.set_shape(())
+        valid.set_shape(())
+        return {"image": image, "caption": caption, "key": ex["key"], "valid": valid}
+
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _finish(ds, drop_invalid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precomputed CLIP embeddings (clip-retrieval layout)
+# ---------------------------------------------------------------------------------------------
+
+
+def list_embedding_shards(root) -> list[tuple[int, str, str, str]]:
+    """``(i, img_emb_i.npy, text_emb_i.npy, metadata_i.parquet)`` for every image shard of a
+    clip-retrieval output folder, sorted by ``i``; the metadata path is '' if absent.  Raises if
+    a text shard is missing."""
+    root = os.fspath(root)
+    found = {}
+    for path in _glob_files(os.path.join(root, "img_emb", "img_emb_*.npy")):
+        m = re.fullmatch(r"img_emb_(\d+)\.npy", os.path.basename(path))
+        if m:
+            found[int(m.group(1))] = path
+    if not found:
+        raise FileNotFoundError(f"no img_emb/img_emb_*.npy under {root!r}")
+    out = []
+    for i in sorted(found):
+        text = os.path.join(root, "text_emb", f"text_emb_{i}.npy")
+        if not _exists(text):
+            raise FileNotFoundError(f"{found[i]} has no matching {text}")
+        meta = os.path.join(root, "metadata", f"metadata_{i}.parquet")
+        out.append((i, found[i], text, meta if _exists(meta) else ""))
+    return out
+
+
+def _load_npy(path: str) -> np.ndarray:
+    if _remote(path):
+        return np.load(io.BytesIO(_read_bytes(path)))
+    return np.load(path, mmap_mode="r")
+
+
+def _read_captions(meta_path: str, column: str, n: int) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("reading clip-retrieval captions needs pyarrow "
+                          "(`pip install pyarrow`); the .npy embeddings alone do not") from e
+    if not meta_path:
+        raise FileNotFoundError("caption_column given but the shard has no metadata parquet")
+    with _open(meta_path) as f:
+        table = pq.read_table(f, columns=[column])
+    captions = ["" if c is None else str(c) for c in table.column(column).to_pylist()]
+    if len(captions) != n:
+        raise ValueError(f"{meta_path} has {len(captions)} rows, the embeddings {n}")
+    return captions
+
+
+def clip_embedding_pairs(root, *, process_index: int = 0, process_count: int = 1,
+                         shuffle_files: bool = True, seed: int = 0, drop_invalid: bool = True,
+                         caption_column: str | None = None):
+    """Paired CLIP image/text embeddings from a clip-retrieval output folder.
+
+    Shards ``i`` (``img_emb/img_emb_{i}.npy`` with ``text_emb/text_emb_{i}.npy``, rows matched by
+    index) ``process_index::process_count`` of the sorted list go to this process.  Arrays are
+    memory-mapped and read in chunks; float16 is widened to float32.  A row with a non-finite
+    value in either embedding is invalid (dropped and counted in ``skipped``).
+
+    ``caption_column`` (e.g. ``"caption"``) also yields ``caption`` from
+    ``metadata/metadata_{i}.parquet`` -- this needs ``pyarrow``; without it only the arrays are
+    read.  Output dicts: ``image_embed``/``text_embed`` float32 [D], ``key`` string
+    (``"{i}/{row}"``), ``valid`` bool, ``skipped`` int32 (and ``caption``).
+    """
+    tf = _tf()
+    shards = _process_part(list_embedding_shards(root), process_index, process_count, "shards")
+    first_img = _load_npy(shards[0][1])
+    first_txt = _load_npy(shards[0][2])
+    if first_img.ndim != 2 or first_txt.ndim != 2:
+        raise ValueError("clip-retrieval embeddings must be 2-D [N, D] arrays")
+    d_img, d_txt = first_img.shape[1], first_txt.shape[1]
+    del first_img, first_txt
+    by_index = {i: (img, txt, meta) for i, img, txt, meta in shards}
+
+    def chunks(order):
+        """All chunks of one pass: dicts of rows plus their ``valid`` mask."""
+        for i in order:
+            i = int(i)
+            img_path, txt_path, meta_path = by_index[i]
+            img, txt = _load_npy(img_path), _load_npy(txt_path)
+            if img.shape[0] != txt.shape[0] or img.shape[1] != d_img or txt.shape[1] != d_txt:
+                raise ValueError(f"shard {i}: img_emb {img.shape} and text_emb {txt.shape} differ")
+            caps = (_read_captions(meta_path, caption_column, img.shape[0])
+                    if caption_column else None)
+            for start in range(0, img.shape[0], _FINITE_CHUNK):
+                a = np.array(img[start:start + _FINITE_CHUNK], np.float32)  # copies: the
+                b = np.array(txt[start:start + _FINITE_CHUNK], np.float32)  # mmaps are read-only
+                valid = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
+                chunk = {"image_embed": a, "text_embed": b, "valid": valid,
+                         "key": np.array([f"{i}/{r}".encode() for r in
+                                          range(start, start + len(a))], dtype=object)}
+                if caps is not None:
+                    chunk["caption"] = np.array(
+                        [c.strip().encode("utf-8") for c in caps[start:start + len(a)]],
+                        dtype=object)
+                yield chunk
+
+    def gen(order):
+        # The counting rule of _drop_invalid_counting, vectorised per chunk: the invalid rows
+        # after a kept row are charged to it, those before the first kept row of the pass to
+        # that row; one kept chunk is held back so the rows after it can still be charged.
+        held, pending = None, 0
+        for chunk in chunks(order):
+            valid = chunk["valid"]
+            if not drop_invalid:
+                invalid = ~valid
+                chunk["image_embed"][invalid] = 0.0
+                chunk["text_embed"][invalid] = 0.0
+                yield {**chunk, SKIPPED_KEY: invalid.astype(np.int32)}
+                continue
+            kept = np.flatnonzero(valid)
+            if kept.size == 0:
+                if held is None:
+                    pending += len(valid)
+                else:
+                    held[SKIPPED_KEY][-1] += len(valid)
+                continue
+            skipped = (np.append(kept[1:], len(valid)) - kept - 1).astype(np.int32)
+            if held is None:
+                skipped[0] += pending + kept[0]
+            else:
+                held[SKIPPED_KEY][-1] += kept[0]
+                yield held
+            held = chunk if kept.size == len(valid) else {k: v[kept] for k, v in chunk.items()}
+            held[SKIPPED_KEY] = skipped
+        if held is not None:
+            yield held
+
+    sig = {"image_embed": tf.TensorSpec((None, d_img), tf.float32),
+           "text_embed": tf.TensorSpec((None, d_txt), tf.float32),
+           "valid": tf.TensorSpec((None,), tf.bool), "key": tf.TensorSpec((None,), tf.string),
+           SKIPPED_KEY: tf.TensorSpec((None,), tf.int32)}
+    if caption_column:
+        sig["caption"] = tf.TensorSpec((None,), tf.string)
+    ids = np.array([s[0] for s in shards], np.int64)
+    if shuffle_files and len(shards) > 1:  # one permuted order per pass
+        orders = tf.data.Dataset.from_tensor_slices(ids).shuffle(
+            len(ids), seed=seed, reshuffle_each_iteration=True).batch(len(ids))
+    else:
+        orders = tf.data.Dataset.from_tensors(ids)
+    ds = orders.flat_map(
+        lambda order: tf.data.Dataset.from_generator(gen, output_signature=sig, args=(order,)))
+    return ds.unbatch().with_options(_options(tf))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching and global arrays
+# ---------------------------------------------------------------------------------------------
+
+
+def batched(ds, global_batch_size: int, *, process_count: int = 1, shuffle_buffer: int = 2048,
+            seed: int = 0, repeat: bool = True, drop_remainder: bool = True, prefetch: int = 2):
+    """Per-host batches of ``global_batch_size // process_count`` examples.
+
+    Examples are shuffled with a buffer of ``shuffle_buffer`` (0 or None: no shuffling) seeded by
+    ``seed`` -- the same seed gives the same batches -- and reshuffled every pass; ``repeat``
+    makes the stream endless (the sources re-shuffle their files each pass too).  Raises
+    ``ValueError`` if the global batch does not divide over the processes.
+    """
+    tf = _tf()
+    if global_batch_size < 1 or process_count < 1 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                         f"process_count={process_count}")
+    per_host = global_batch_size // process_count
+    if shuffle_buffer:
+        ds = ds.shuffle(int(shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.batch(per_host, drop_remainder=drop_remainder)
+    if prefetch:
+        ds = ds.prefetch(prefetch)
+    return ds.with_options(_options(tf))
+
+
+def as_numpy_iterator(ds) -> Iterator[dict]:
+    """Iterate a tf.data dataset as dicts of numpy arrays (strings as ``bytes`` objects)."""
+    return ds.as_numpy_iterator()
+
+
+def to_global_arrays(batch: dict, sharding) -> dict:
+    """Join per-host batches into global ``jax.Array`` s laid out by ``sharding`` (a
+    ``NamedSharding`` whose spec shards the leading, batch axis), with
+    ``jax.make_array_from_process_local_data`` -- with one process this just places the batch.
+
+    Numeric and boolean arrays are converted; string/object fields (captions, keys) cannot be
+    device arrays and are left out -- tokenize captions on the host first.
+    """
+    import jax
+
+    out = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        if value.dtype.kind not in "biuf":
+            continue
+        out[name] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+def skipped_count(batch: dict) -> int:
+    """The number of invalid examples charged to ``batch`` (its "skipped examples" metric)."""
+    value = batch.get(SKIPPED_KEY)
+    return 0 if value is None else int(np.asarray(value).sum())
+
+
+def write_webdataset_shard(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> str:
+    """Write a webdataset tar shard: ``samples`` are ``(key, {ext: bytes})`` (e.g.
+    ``("000000001", {"jpg": ..., "txt": b"a cat", "json": ...})``).  For tests and small
+    exports; `img2dataset` writes the same layout."""
+    with tarfile.open(path, "w") as tar:
+        for key, fields in samples:
+            for ext, data in fields.items():
+                if isinstance(data, str):
+                    data = data.encode("utf-8")
+                elif isinstance(data, (dict, list)):
+                    data = json.dumps(data).encode("utf-8")
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "SKIPPED_KEY", "webdataset_pairs", "folder_pairs",
+    "clip_embedding_pairs", "batched", "to_global_arrays", "as_numpy_iterator", "skipped_count",
+    "list_shards", "list_image_folder", "list_embedding_shards", "iter_webdataset_samples",
+    "decode_image", "decode_caption", "decode_pair", "load_folder_example",
+    "write_webdataset_shard",
+]
