@@ -63,7 +63,7 @@ class UnCLIPPipeline:
     """
 
     def __init__(self, tokenizer, text_encoder: tuple[Any, Any], prior: Stage, decoder: Stage,
-                 super_res_first: Stage, super_res_last: Stage | None = None, *,
+                 super_res_first: Stage | None, super_res_last: Stage | None = None, *,
                  prior_candidates: int = 2, progress: bool = True):
         self.tokenizer = tokenizer
         self.text_config, self.text_params = text_encoder
@@ -84,7 +84,7 @@ class UnCLIPPipeline:
         self._decoder_fn = lambda p, x, t, c: decoder_model.apply(
             {"params": p}, x, t, c["image_embed"], c["text_embed"], c["text_hidden"],
             c["text_mask"], null_image=c["null_image"])
-        first = UNet(super_res_first.config)
+        first = UNet(super_res_first.config) if super_res_first is not None else None
         last = UNet(super_res_last.config) if super_res_last is not None else None
         self._sr_first_model, self._sr_last_model = first, last
 
@@ -101,17 +101,69 @@ class UnCLIPPipeline:
             Stage(*c["super_res_first"], c["super_res_sampling"]),
             Stage(*last, c["super_res_sampling"]) if last is not None else None, **kw)
 
+    @classmethod
+    def from_workdir(cls, workdir: str, *, upsampler: bool = True, **kw) -> "UnCLIPPipeline":
+        """Build from stages trained here: WORKDIR/{clip,prior,decoder,upsampler}/ (EMA params).
+
+        The CLIP vision tower is kept as `pipe.clip` (for evaluation and image manipulations).
+        """
+        import os
+
+        from unclip_jax.convert.diffusers_pipeline import StageSampling
+        from unclip_jax.data.tokenizer import load_tokenizer
+        from unclip_jax.diffusion import DiffusionConfig
+        from unclip_jax.models.prior import PriorConfig
+        from unclip_jax.models.unet import DecoderConfig, UNetConfig
+        from unclip_jax.stages.conditioning import load_frozen_clip
+        from unclip_jax.train.checkpoint import load_trained
+
+        def need(stage):
+            path = os.path.join(workdir, stage)
+            if not os.path.isdir(os.path.join(path, "checkpoints")):
+                raise FileNotFoundError(
+                    f"{workdir} has no trained {stage} stage: train it with `unclip-jax train "
+                    f"--config configs/{stage}.py:size=... --workdir {workdir}`")
+            return load_trained(path)
+
+        clip = load_frozen_clip(os.path.join(workdir, "clip")) if os.path.isdir(
+            os.path.join(workdir, "clip", "checkpoints")) else None
+        if clip is None:
+            need("clip")
+        if not clip.tokenizer_path:
+            raise ValueError(f"the CLIP stage in {workdir} records no tokenizer")
+        cfg, params, _ = need("prior")
+        m = cfg["model"]
+        prior = Stage(PriorConfig.from_dict(m["prior"]), params,
+                      StageSampling(DiffusionConfig.from_dict(m["diffusion"]), m.get("clip_x0")))
+        cfg, params, _ = need("decoder")
+        m = cfg["model"]
+        decoder = Stage(DecoderConfig.from_dict(m["decoder"]), params,
+                        StageSampling(DiffusionConfig.from_dict(m["diffusion"]), 1.0))
+        sr = None
+        if upsampler:
+            cfg, params, _ = need("upsampler")
+            m = cfg["model"]
+            sr = Stage(UNetConfig.from_dict(m["unet"]), params,
+                       StageSampling(DiffusionConfig.from_dict(m["diffusion"]), 1.0))
+        pipe = cls(load_tokenizer(clip.tokenizer_path), (clip.text_config, clip.text_params),
+                   prior, decoder, sr, **kw)
+        pipe.clip = clip
+        return pipe
+
     @property
     def image_size(self) -> int:
+        if self.super_res_first is None:
+            return self.decoder.config.unet.sample_size
         return self.super_res_first.config.sample_size
 
     # ------------------------------------------------------------------ pieces
-    def _sampler(self, stage: str, steps: int, coefficient_dtype: str) -> Sampler:
-        key = (stage, steps, coefficient_dtype)
+    def _sampler(self, stage: str, steps: int, coefficient_dtype: str, method: str = "ddpm",
+                 eta: float = 0.0) -> Sampler:
+        key = (stage, steps, coefficient_dtype, method, eta)
         if key not in self._samplers:
             st = {"prior": self.prior, "decoder": self.decoder,
                   "super_res": self.super_res_first}[stage]
-            scfg = SamplingConfig(method="ddpm", steps=steps, spacing="even",
+            scfg = SamplingConfig(method=method, eta=eta, steps=steps, spacing="even",
                                   clip_x0=st.sampling.clip_x0,
                                   coefficient_dtype=coefficient_dtype)
             if stage == "prior":
@@ -188,62 +240,106 @@ class UnCLIPPipeline:
         latents, noise = latents or {}, noise or {}
         n = len(prompts) * num_images_per_prompt
         rng = jax.random.key(seed)
-        keys = {name: jax.random.fold_in(rng, i) for i, name in enumerate(
-            ["prior_x", "prior", "decoder_x", "decoder", "super_res_x", "super_res"])}
-        rep = lambda a, r: jnp.repeat(a, r, axis=0)  # noqa: E731
+        keys = [jax.random.fold_in(rng, i) for i in range(3)]
+        cond, uncond = self.text_conditioning(prompts, num_images_per_prompt)
+        guided = prior_guidance > 1.0 or decoder_guidance > 1.0  # as diffusers decides
+        image_embeds = self.sample_prior(
+            cond, uncond if guided else None, steps=prior_steps,
+            guidance=prior_guidance if guided else 1.0, rng=keys[0], candidates=k,
+            latents=latents.get("prior"), noise=noise.get("prior"),
+            coefficient_dtype=coefficient_dtype)
+        low_res = self.sample_decoder(
+            image_embeds, cond, uncond if guided else None, steps=decoder_steps,
+            guidance=decoder_guidance if guided else 1.0, rng=keys[1],
+            latents=latents.get("decoder"), noise=noise.get("decoder"),
+            coefficient_dtype=coefficient_dtype)
+        if self.super_res_first is None:
+            images = low_res * 0.5 + 0.5
+        else:
+            images = self.sample_super_res(low_res, steps=super_res_steps, rng=keys[2],
+                                           latents=latents.get("super_res"),
+                                           noise=noise.get("super_res"),
+                                           coefficient_dtype=coefficient_dtype)
+        return dict(images=images, image_embeds=image_embeds, low_res=low_res)
 
+    # ------------------------------------------------------------------ the stages
+    def text_conditioning(self, prompts: Sequence[str], repeats: int = 1):
+        """(cond, uncond) dicts of text_embed / text_hidden / text_mask, each row repeated
+        `repeats` times; uncond is the empty prompt's encoding."""
         text = self.encode_text(prompts)
         null = self.encode_text([""])
-        cond = {k_: rep(v, num_images_per_prompt) for k_, v in text.items()}
-        uncond = {k_: jnp.broadcast_to(v, (n,) + v.shape[1:]) for k_, v in null.items()}
-        guided = prior_guidance > 1.0 or decoder_guidance > 1.0  # as diffusers decides
+        n = len(prompts) * repeats
+        cond = {k: jnp.repeat(v, repeats, axis=0) for k, v in text.items()}
+        uncond = {k: jnp.broadcast_to(v, (n,) + v.shape[1:]) for k, v in null.items()}
+        return cond, uncond
 
-        # ---- prior: k candidates per image, keep the one closest to the text embedding
+    def sample_prior(self, cond, uncond=None, *, steps: int = 25, guidance: float = 4.0, rng,
+                     candidates: int = 1, latents=None, noise=None,
+                     coefficient_dtype: str = "float64"):
+        """CLIP image embeddings [N, E] for the text conditioning; with candidates k > 1 the one
+        closest to the text embedding of k draws is kept (the paper)."""
         pcfg = self.prior.config
-        sampler = self._sampler("prior", prior_steps, coefficient_dtype)
-        x = latents.get("prior")
+        n = cond["text_embed"].shape[0]
+        k = candidates
+        sampler = self._sampler("prior", steps, coefficient_dtype)
+        x = latents
         if x is None:
-            x = jax.random.normal(keys["prior_x"], (n * k, pcfg.out_dim))
+            x = jax.random.normal(jax.random.fold_in(rng, 0), (n * k, pcfg.out_dim))
         elif k != 1:
             raise ValueError("explicit prior latents need prior_candidates=1")
-        pc = {k_: rep(v, k) for k_, v in cond.items()}
-        pu = {k_: rep(v, k) for k_, v in uncond.items()}
-        z = sampler(self.prior.params, x, pc, pu if guided else None, rng=keys["prior"],
-                    guidance_scale=prior_guidance if guided else 1.0, noise=noise.get("prior"))
+        rep = lambda t: {key: jnp.repeat(v, k, axis=0) for key, v in t.items()}  # noqa: E731
+        z = sampler(self.prior.params, x, rep(cond), None if uncond is None else rep(uncond),
+                    rng=jax.random.fold_in(rng, 1), guidance_scale=guidance, noise=noise)
         z = denormalize_embedding(z, pcfg, self.prior.params)
-        if k > 1:
-            z = _pick_closest(z.reshape(n, k, -1), cond["text_embed"])
-        image_embeds = z
+        return _pick_closest(z.reshape(n, k, -1), cond["text_embed"]) if k > 1 else z
 
-        # ---- decoder
-        dcfg = self.decoder.config.unet
-        sampler = self._sampler("decoder", decoder_steps, coefficient_dtype)
-        x = latents.get("decoder")
-        if x is None:
-            x = jax.random.normal(keys["decoder_x"], (n, dcfg.sample_size, dcfg.sample_size,
-                                                       dcfg.in_channels))
+    def _decoder_inputs(self, image_embeds, cond, uncond):
+        n = image_embeds.shape[0]
         dc = dict(cond, image_embed=image_embeds, null_image=jnp.zeros((n,), bool))
-        du = dict(uncond, image_embed=image_embeds, null_image=jnp.ones((n,), bool))
-        x = sampler(self.decoder.params, x, dc, du if guided else None, rng=keys["decoder"],
-                    guidance_scale=decoder_guidance if guided else 1.0,
-                    noise=noise.get("decoder"))
-        low_res = jnp.clip(x, -1.0, 1.0)
+        du = None if uncond is None else dict(uncond, image_embed=image_embeds,
+                                              null_image=jnp.ones((n,), bool))
+        return dc, du
 
-        # ---- super resolution
+    def sample_decoder(self, image_embeds, cond, uncond=None, *, steps: int = 25,
+                       guidance: float = 8.0, rng=None, latents=None, noise=None,
+                       method: str = "ddpm", eta: float = 0.0,
+                       coefficient_dtype: str = "float64"):
+        """Decoder images [N, h, w, 3] in [-1, 1] for CLIP image embeddings (+ text)."""
+        dcfg = self.decoder.config.unet
+        n = image_embeds.shape[0]
+        sampler = self._sampler("decoder", steps, coefficient_dtype, method, eta)
+        x = latents
+        if x is None:
+            x = jax.random.normal(jax.random.fold_in(rng, 0),
+                                  (n, dcfg.sample_size, dcfg.sample_size, 3))
+        dc, du = self._decoder_inputs(image_embeds, cond, uncond)
+        x = sampler(self.decoder.params, x, dc, du, rng=jax.random.fold_in(rng, 1),
+                    guidance_scale=guidance, noise=noise)
+        return jnp.clip(x, -1.0, 1.0)
+
+    def invert_decoder(self, images, image_embeds, cond, *, steps: int = 25):
+        """DDIM inversion of decoder-resolution images [N, h, w, 3] in [-1, 1] to their x_T,
+        conditioned on their CLIP image embeddings (unguided, deterministic)."""
+        sampler = self._sampler("decoder", steps, "float64", "ddim", 0.0)
+        dc, _ = self._decoder_inputs(image_embeds, cond, None)
+        return sampler.invert(self.decoder.params, images, dc)
+
+    def sample_super_res(self, low_res, *, steps: int = 7, rng=None, latents=None, noise=None,
+                         coefficient_dtype: str = "float64"):
+        """Upsample decoder images [N, h, w, 3] in [-1, 1] -> images [N, H, W, 3] in [0, 1]."""
         scfg = self.super_res_first.config
         size = scfg.sample_size
-        sampler = self._sampler("super_res", super_res_steps, coefficient_dtype)
-        x = latents.get("super_res")
+        n = low_res.shape[0]
+        sampler = self._sampler("super_res", steps, coefficient_dtype)
+        x = latents
         if x is None:
-            x = jax.random.normal(keys["super_res_x"], (n, size, size, scfg.in_channels // 2))
+            x = jax.random.normal(jax.random.fold_in(rng, 0), (n, size, size, 3))
         params = {"first": self.super_res_first.params}
         if self.super_res_last is not None:
             params["last"] = self.super_res_last.params
         up = upsample_input(low_res, size, "bicubic")
-        x = sampler(params, x, {"low_res": up}, rng=keys["super_res"],
-                    noise=noise.get("super_res"))
-        images = jnp.clip(x * 0.5 + 0.5, 0.0, 1.0)
-        return dict(images=images, image_embeds=image_embeds, low_res=low_res)
+        x = sampler(params, x, {"low_res": up}, rng=jax.random.fold_in(rng, 1), noise=noise)
+        return jnp.clip(x * 0.5 + 0.5, 0.0, 1.0)
 
 
 def _pick_closest(candidates, text_embed):

@@ -85,9 +85,10 @@ class UpsamplerStage(Stage):
                 self.config.data, image_size=self.out_size, batch_size=batch_size, seed=seed,
                 start_step=start_step, process_index=process_index,
                 process_count=process_count):
-            rng = np.random.default_rng(np.random.SeedSequence([seed, step, process_index, 0xD6]))
             hr, lr = [], []
-            for img in raw["image"]:
+            for j, img in enumerate(raw["image"]):  # one rng per global example
+                row = process_index * batch_size + j
+                rng = np.random.default_rng(np.random.SeedSequence([seed, step, row, 0xD6]))
                 crop = degrade.random_crop(img, self.crop, rng)
                 hr.append(crop)
                 lr.append(degrade.low_res(crop, self.crop // factor, u.degradation, rng,

@@ -50,10 +50,10 @@ class StageCheckpointer:
     def __init__(self, stage_dir: str, stage_config: dict[str, Any], *, keep: int = 3,
                  every: int = 1000, async_save: bool = True):
         self.dir = os.path.abspath(stage_dir) if "://" not in stage_dir else stage_dir
-        self.every = every
+        self.every = max(1, int(every))  # the trainer saves at multiples of it, and at the end
         self._check_and_write_config(stage_config)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=max(1, every), create=True,
+            max_to_keep=keep, save_interval_steps=1, create=True,
             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(os.path.join(self.dir, "checkpoints"),
                                              options=options, item_names=("state", "meta"))

@@ -131,17 +131,18 @@ def make_train_step(stage, tx, schedule, config, mesh, rules):
     return step_fn
 
 
-def train(config, workdir: str, *, stop_at_step: int | None = None,
-          progress: bool = True) -> TrainResult:
+def train(config, workdir: str, *, stop_at_step: int | None = None, progress: bool = True,
+          devices=None) -> TrainResult:
     """Train `config.stage` into WORKDIR/<stage>/ (resuming from its newest checkpoint).
 
     `stop_at_step` ends the run at that step with a checkpoint, as a preemption would.
+    `devices` restricts the mesh to these devices (default: all).
     """
     from unclip_jax.stages import build_stage
 
     maybe_initialize_distributed()
     # ---- mesh
-    mesh = make_mesh(dict(config.mesh))
+    mesh = make_mesh(dict(config.mesh), devices)
     rules = get_rules(config.sharding if isinstance(config.sharding, str)
                       else list(config.sharding))
     _validate(config, mesh)
@@ -277,7 +278,8 @@ def train(config, workdir: str, *, stop_at_step: int | None = None,
                 imgs = stage.sample_images(state.ema_params, frozen, jax.random.key(step))
                 if imgs is not None:
                     writer.write_images(step, {"samples": np.asarray(imgs)})
-            ckpt.save(step, state, {"skipped": skipped_total}, force=stop or step == total)
+            if stop or step == total or step % ckpt.every == 0:
+                ckpt.save(step, state, {"skipped": skipped_total})
             if stop:
                 break
     finally:
