@@ -5,7 +5,7 @@ released OpenAI CLIP that Karlo uses; the paper's ViT-H/16 is unreleased).
 """
 import ml_collections
 
-from unclip_jax.train.config import base_config, parse_arg
+from unclip_jax.train.config import base_config, set_run_length, size_spec
 
 SIZES = {
     "tiny": dict(text=dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -28,10 +28,7 @@ SIZES["paper"] = SIZES["karlo"]
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, size="tiny")
-    if a.size not in SIZES:
-        raise ValueError(f"unknown size {a.size!r}; expected one of {sorted(SIZES)}")
-    s = SIZES[a.size]
+    size, s = size_spec(SIZES, arg)
     c = base_config("clip")
     c.model = ml_collections.ConfigDict(dict(
         text=dict(s["text"], hidden_act="quick_gelu", eos_token_id=1, bos_token_id=0,
@@ -39,12 +36,7 @@ def get_config(arg=None):
         vision=dict(s["vision"], hidden_act="quick_gelu", projection_dim=s["projection_dim"]),
         projection_dim=s["projection_dim"], logit_scale_init=2.6592))
     c.tokenizer = ""  # a tokenizer directory (transformers format)
-    c.batch_size = s["batch"]
-    c.total_steps = s["steps"]
     c.data.image_size = s["image"]
-    c.optimizer.lr = 1e-3 if a.size in ("tiny", "demo") else 5e-4
-    c.optimizer.warmup_steps = min(100, s["steps"] // 10)
-    c.optimizer.weight_decay = 0.1 if a.size in ("karlo", "paper") else 0.0
-    c.ema.decay = 0.995 if a.size in ("tiny", "demo") else 0.9999
-    c.log_every = 10 if a.size in ("tiny", "demo") else 100
+    set_run_length(c, small=size in ("tiny", "demo"), batch=s["batch"], steps=s["steps"],
+                   lr_small=1e-3, lr_large=5e-4, weight_decay_large=0.1)
     return c

@@ -5,13 +5,13 @@
 """
 import ml_collections
 
-from unclip_jax.train.config import base_config, parse_arg
+from unclip_jax.train.config import base_config, set_run_length, size_spec
 
 SIZES = {
     "tiny": dict(embedding_dim=32, num_layers=2, num_heads=2, head_dim=16, num_text_tokens=24,
                  batch=16, steps=20, image=32, norm="meanstd"),
     "demo": dict(embedding_dim=64, num_layers=4, num_heads=4, head_dim=32, num_text_tokens=24,
-                 batch=64, steps=800, image=64, norm="meanstd"),
+                 batch=64, steps=400, image=64, norm="meanstd"),
     "karlo": dict(embedding_dim=768, num_layers=20, num_heads=32, head_dim=64,
                   num_text_tokens=77, batch=4096, steps=1_000_000, image=224, norm="meanstd"),
     "paper": dict(embedding_dim=768, num_layers=24, num_heads=32, head_dim=64,
@@ -20,10 +20,7 @@ SIZES = {
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, size="tiny")
-    if a.size not in SIZES:
-        raise ValueError(f"unknown size {a.size!r}; expected one of {sorted(SIZES)}")
-    s = SIZES[a.size]
+    size, s = size_spec(SIZES, arg)
     c = base_config("prior")
     c.model = ml_collections.ConfigDict(dict(
         embedding_dim=s["embedding_dim"], num_layers=s["num_layers"], num_heads=s["num_heads"],
@@ -37,14 +34,9 @@ def get_config(arg=None):
     c.clip_dir = ""  # default: WORKDIR/clip
     c.tokenizer = ""  # default: the CLIP stage's tokenizer
     c.stats_batches = 8
-    c.batch_size = s["batch"]
-    c.total_steps = s["steps"]
     c.data.image_size = s["image"]
-    c.optimizer.lr = 1e-3 if a.size in ("tiny", "demo") else 1.1e-4
-    c.optimizer.warmup_steps = min(100, s["steps"] // 10)
-    c.optimizer.weight_decay = 0.0 if a.size in ("tiny", "demo") else 6e-2
-    c.ema.decay = 0.995 if a.size in ("tiny", "demo") else 0.9999
-    c.log_every = 10 if a.size in ("tiny", "demo") else 100
-    if a.size in ("karlo", "paper"):
+    set_run_length(c, small=size in ("tiny", "demo"), batch=s["batch"], steps=s["steps"],
+                   lr_small=1e-3, lr_large=1.1e-4, weight_decay_large=6e-2)
+    if size in ("karlo", "paper"):
         c.model.dtype = "bfloat16"
     return c

@@ -4,13 +4,13 @@ BSR degradation). Trained on random crops of 1/4 of the target area.
 """
 import ml_collections
 
-from unclip_jax.train.config import base_config, parse_arg
+from unclip_jax.train.config import base_config, set_run_length, size_spec
 
 SIZES = {
     "tiny": dict(channels=(16, 32), layers=1, groups=8, out=32, low=16, crop=16, deg="blur",
                  batch=8, steps=20),
-    "demo": dict(channels=(32, 64, 64), layers=1, groups=16, out=64, low=32, crop=32, deg="blur",
-                 batch=32, steps=800),
+    "demo": dict(channels=(16, 32, 32), layers=1, groups=8, out=64, low=32, crop=32, deg="blur",
+                 batch=16, steps=300),
     "sr256": dict(channels=(320, 640, 960, 1280), layers=3, groups=32, out=256, low=64, crop=128,
                   deg="blur", batch=1024, steps=1_000_000),
     "sr1024": dict(channels=(192, 384, 576, 768), layers=2, groups=32, out=1024, low=256,
@@ -20,31 +20,25 @@ SIZES["karlo"] = SIZES["sr256"]
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, size="tiny")
-    if a.size not in SIZES:
-        raise ValueError(f"unknown size {a.size!r}; expected one of {sorted(SIZES)}")
-    s = SIZES[a.size]
+    size, s = size_spec(SIZES, arg)
     c = base_config("upsampler")
     c.model = ml_collections.ConfigDict(dict(
         in_channels=6, out_channels=3, sample_size=s["out"], block_out_channels=s["channels"],
         layers_per_block=s["layers"], attention_levels=(False,) * len(s["channels"]),
         mid_block="resnets", norm_groups=s["groups"], resnet_time_scale_shift="scale_shift",
         resblock_updown=True, noise_level_cond=False, dtype="float32", param_dtype="float32"))
-    c.diffusion = ml_collections.ConfigDict(dict(
-        schedule="cosine", num_train_steps=1000, prediction="eps", variance="fixed_small_log",
-        beta_start=1e-4, beta_end=0.02))
-    c.loss = ml_collections.ConfigDict({"type": "mse", "vlb_weight": 1e-3})
+    c.diffusion = ml_collections.ConfigDict(dict(  # v for the demo: see configs/decoder.py
+        schedule="cosine", num_train_steps=1000, prediction="v" if size == "demo" else "eps",
+        variance="fixed_small_log", beta_start=1e-4, beta_end=0.02))
+    c.loss = ml_collections.ConfigDict({"type": "mse", "vlb_weight": 1e-3,
+                                        "min_snr_gamma": 5.0 if size == "demo" else 0.0})
     c.upsample = ml_collections.ConfigDict(dict(
         low_res_size=s["low"], crop_size=s["crop"], degradation=s["deg"],
         blur_sigma=(0.4, 0.6), noise_aug_max=0, sample_noise_level=0))
-    c.batch_size = s["batch"]
-    c.total_steps = s["steps"]
     c.data.image_size = s["out"]
-    c.optimizer.lr = 1e-3 if a.size in ("tiny", "demo") else 1.2e-4
-    c.optimizer.warmup_steps = min(100, s["steps"] // 10)
-    c.ema.decay = 0.995 if a.size in ("tiny", "demo") else 0.9999
-    c.log_every = 10 if a.size in ("tiny", "demo") else 100
-    if a.size not in ("tiny", "demo"):
+    set_run_length(c, small=size in ("tiny", "demo"), batch=s["batch"], steps=s["steps"],
+                   lr_small=1e-3, lr_large=1.2e-4)
+    if size not in ("tiny", "demo"):
         c.model.dtype = "bfloat16"
         c.model.remat = True
     return c

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from unclip_jax.data import clip_embeddings as E
 from unclip_jax.data import pipelines as P
 
 S = 8  # output image size
@@ -185,10 +186,10 @@ def emb(tmp_path_factory):
 
 @pytest.mark.parametrize("chunk", [4096, 2])  # 2: rows split over chunks, one all-invalid
 def test_clip_embedding_pairs(emb, chunk, monkeypatch):
-    monkeypatch.setattr(P, "_FINITE_CHUNK", chunk)
+    monkeypatch.setattr(E, "_FINITE_CHUNK", chunk)
     root, rows = emb
     bad = {"0/2", "2/0", "2/1"}
-    exs = _collect(P.clip_embedding_pairs(str(root), shuffle_files=False))
+    exs = _collect(E.clip_embedding_pairs(str(root), shuffle_files=False))
     assert len(exs) == 12 - 3 and sum(int(e["skipped"]) for e in exs) == 3
     assert [int(e["skipped"]) for e in exs][:3] == [0, 1, 0]  # row 0/2 is charged to row 0/1
     for e in exs:
@@ -197,12 +198,12 @@ def test_clip_embedding_pairs(emb, chunk, monkeypatch):
         np.testing.assert_array_equal(e["image_embed"], rows[i][0][r].astype(np.float32))
         np.testing.assert_array_equal(e["text_embed"], rows[i][1][r].astype(np.float32))
     assert {e["key"].decode() for e in exs}.isdisjoint(bad)
-    parts = [_collect(P.clip_embedding_pairs(root, process_index=i, process_count=2, seed=5))
+    parts = [_collect(E.clip_embedding_pairs(root, process_index=i, process_count=2, seed=5))
              for i in range(2)]
     keys = [{e["key"].decode() for e in p} for p in parts]
     assert not keys[0] & keys[1] and keys[0] | keys[1] == {e["key"].decode() for e in exs}
     assert [sum(int(e["skipped"]) for e in p) for p in parts] == [3, 0]  # shards 0,2 / 1
-    every = _collect(P.clip_embedding_pairs(root, drop_invalid=False, shuffle_files=False))
+    every = _collect(E.clip_embedding_pairs(root, drop_invalid=False, shuffle_files=False))
     assert len(every) == 12
     assert {e["key"].decode() for e in every if not e["valid"]} == bad
     assert all(int(e["skipped"]) == (not e["valid"]) for e in every)
@@ -212,7 +213,7 @@ def test_clip_embedding_pairs(emb, chunk, monkeypatch):
 def test_clip_embedding_captions(emb):
     pytest.importorskip("pyarrow")
     root, _ = emb
-    exs = _collect(P.clip_embedding_pairs(root, caption_column="caption"))
+    exs = _collect(E.clip_embedding_pairs(root, caption_column="caption"))
     assert len(exs) == 9
     for e in exs:
         i, r = e["key"].decode().split("/")

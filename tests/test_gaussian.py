@@ -92,6 +92,22 @@ def test_mse_loss_and_p2_weighting(diff):
     np.testing.assert_allclose(np.asarray(loss), 0.25 / (1 + snr), rtol=1e-5)
 
 
+@pytest.mark.parametrize("prediction,factor", [
+    ("eps", lambda snr, g: min(snr, g) / snr), ("x0", lambda snr, g: min(snr, g)),
+    ("v", lambda snr, g: min(snr, g) / (snr + 1))])
+def test_min_snr_weighting(prediction, factor):
+    d = GaussianDiffusion(DiffusionConfig(prediction=prediction))
+    t = jnp.array([5, 400, 900])
+    x0, noise = jnp.zeros((3, 4)), jnp.ones((3, 4))
+    out = d.targets(x0, noise, t) + 0.5
+    loss, _ = d.loss(out, x0, noise, t, min_snr_gamma=5.0)
+    snr = d.alphas_cumprod[[5, 400, 900]] / (1 - d.alphas_cumprod[[5, 400, 900]])
+    want = [0.25 * factor(s, 5.0) for s in snr]
+    np.testing.assert_allclose(np.asarray(loss), want, rtol=1e-4)
+    # weight 1 where SNR <= gamma for eps, i.e. at high noise
+    assert snr[2] < 5.0 and want[2] == pytest.approx(0.25) if prediction == "eps" else True
+
+
 def test_normal_kl_closed_form():
     m1, lv1, m2, lv2 = 0.3, math.log(0.5), -0.2, math.log(2.0)
     want = math.log(math.sqrt(2.0) / math.sqrt(0.5)) + (0.5 + 0.25) / (2 * 2.0) - 0.5

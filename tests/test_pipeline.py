@@ -1,13 +1,11 @@
 """The whole text-to-image pipeline against diffusers' UnCLIPPipeline with the same imported
 weights, the same initial latents and the same per-step noise; bad input; the CLI."""
-import os
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from peers import nchw_to_nhwc, tiny_unclip_pipeline  # noqa: E402
+from unclip_jax.peers import nchw_to_nhwc, tiny_unclip_pipeline  # noqa: E402
 
 STEPS = dict(prior=5, decoder=6, super_res=3)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from unclip_jax.diffusion import (
-    DiffusionConfig, GaussianDiffusion, Sampler, SamplingConfig, StepRule, build_plan, sample_loop)
+    DiffusionConfig, GaussianDiffusion, Sampler, SamplingConfig, StepRule, build_plan)
 from unclip_jax.diffusion.sampler import _jitted_loop
 
 W = np.linspace(-0.8, 0.9, 3).astype(np.float32)
@@ -144,8 +144,6 @@ def test_guidance_is_one_batched_call():
 
 
 def test_learned_variance_guidance_keeps_conditional_variance():
-    diff = GaussianDiffusion(DiffusionConfig(variance="learned_range"))
-
     def model(params, x, t, cond):  # variance channels depend on cond only
         v = jnp.tanh(cond).reshape(-1, 1, 1, 1) * jnp.ones_like(x)
         return jnp.concatenate([x * 0.1 + cond.reshape(-1, 1, 1, 1), v], axis=-1)

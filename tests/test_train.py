@@ -172,8 +172,16 @@ def test_clip_overfits(clip_workdir):
 def test_stage_overfits_a_tiny_batch(clip_workdir, stage, steps):
     over = ["data.num_examples=8", "batch_size=8", f"total_steps={steps}", "optimizer.lr=3e-3",
             "optimizer.warmup_steps=5", "checkpoint.every=1000"]
-    res = train(tiny(stage, *over), clip_workdir[0], progress=False)
+    cfg = tiny(stage, *over)
+    res = train(cfg, clip_workdir[0], progress=False)
     _falls(res.history, 0.6)
+    if stage == "decoder":  # the periodic sample images of the logs
+        from unclip_jax.stages import build_stage
+
+        st = build_stage(cfg, clip_workdir[0])
+        imgs = st.sample_images(res.state.ema_params, st.frozen()[1], jax.random.key(0), n=4,
+                                steps=5)
+        assert imgs.shape == (4, 16, 16, 3) and np.all((imgs >= 0) & (imgs <= 1))
 
 
 def test_unknown_config_key():

@@ -6,17 +6,43 @@ import os
 import sys
 
 
-def _cmd_sample(args) -> int:
+def _load_pipeline(args, progress=True):
     from unclip_jax.pipeline import UnCLIPPipeline
+
+    if bool(getattr(args, "pipeline", None)) == bool(getattr(args, "workdir", None)):
+        raise ValueError("give either --pipeline (a diffusers UnCLIP directory) or --workdir "
+                         "(stages trained with unclip-jax train / demo)")
+    if args.pipeline:
+        return UnCLIPPipeline.from_diffusers(args.pipeline, progress=progress)
+    return UnCLIPPipeline.from_workdir(args.workdir, progress=progress)
+
+
+def _check_prompts(prompts):
+    for p in prompts:
+        if p and not p.strip():
+            raise ValueError("a prompt is only whitespace; use '' for an unconditional sample")
+
+
+def _cmd_sample(args) -> int:
     from unclip_jax.viz import save_grid
 
     prompts = args.prompt
-    pipe = UnCLIPPipeline.from_diffusers(args.pipeline, progress=not args.quiet)
-    images = pipe.generate(prompts, seed=args.seed, prior_steps=args.prior_steps,
-                           decoder_steps=args.decoder_steps, super_res_steps=args.super_res_steps,
-                           prior_guidance=args.prior_guidance,
-                           decoder_guidance=args.decoder_guidance,
-                           num_images_per_prompt=args.num)
+    _check_prompts(prompts)
+    pipe = _load_pipeline(args, progress=not args.quiet)
+    kw = dict(prior_steps=args.prior_steps, decoder_steps=args.decoder_steps,
+              super_res_steps=args.super_res_steps, prior_guidance=args.prior_guidance,
+              decoder_guidance=args.decoder_guidance)
+    if args.rerank:
+        if getattr(pipe, "clip", None) is None:
+            raise ValueError("--rerank needs the CLIP image tower: use --workdir")
+        from unclip_jax.manipulate import rerank
+
+        rows = []
+        for _ in range(args.num):
+            rows.append(rerank(pipe, prompts, args.rerank, seed=args.seed + len(rows), **kw))
+        images = __import__("numpy").stack(rows, 1).reshape(-1, *rows[0].shape[1:])
+    else:
+        images = pipe.generate(prompts, seed=args.seed, num_images_per_prompt=args.num, **kw)
     captions = [p for p in prompts for _ in range(args.num)]
     save_grid(args.out, images, captions, cols=min(len(images), 4 if args.num == 1 else args.num))
     print(f"wrote {len(images)} images ({images.shape[1]}x{images.shape[2]}) to {args.out}")
@@ -36,6 +62,83 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    import os
+
+    from unclip_jax.evaluate import evaluate, write_json
+    from unclip_jax.pipeline import UnCLIPPipeline
+    from unclip_jax.report import write_report
+
+    pipe = UnCLIPPipeline.from_workdir(args.workdir, progress=False)
+    res = evaluate(pipe, n_single=args.single, n_two=args.two, n_heldout=args.heldout,
+                   seed=args.seed)
+    write_json(os.path.join(args.workdir, "metrics.json"), res)
+    grid = "grid.png" if os.path.exists(os.path.join(args.workdir, "grid.png")) else ""
+    write_report(os.path.join(args.workdir, "report.md"), res, grid=grid)
+    f = res["faithfulness"]
+    print(f"CLIP top-1 t2i {res['retrieval']['clip_top1_text_to_image']:.2f}; prior cosine "
+          f"{res['prior']['prior_cosine']:.3f} (text baseline "
+          f"{res['prior']['text_embedding_cosine_baseline']:.3f}); faithfulness csp single "
+          f"{f['single']['csp']:.2f} two {f['two']['csp']:.2f} heldout {f['heldout']['csp']:.2f}; "
+          f"wrote {args.workdir}/report.md")
+    return 0
+
+
+def _manipulator(args):
+    from unclip_jax.manipulate import Manipulator
+    from unclip_jax.pipeline import UnCLIPPipeline
+
+    pipe = UnCLIPPipeline.from_workdir(args.workdir, progress=False)
+    return Manipulator(pipe, steps=args.steps, guidance=args.guidance)
+
+
+def _cmd_variations(args) -> int:
+    from unclip_jax.manipulate import load_image
+    from unclip_jax.viz import save_grid
+
+    img = load_image(args.image)
+    m = _manipulator(args)
+    out = m.variations(img, n=args.num, eta=args.eta, seed=args.seed)
+    save_grid(args.out, [_fit(img, out.shape[1])] + list(out),
+              ["input"] + [f"eta={args.eta}"] * len(out), cols=len(out) + 1)
+    print(f"wrote {len(out)} variations to {args.out}")
+    return 0
+
+
+def _cmd_interpolate(args) -> int:
+    from unclip_jax.manipulate import load_image
+    from unclip_jax.viz import save_grid
+
+    a, b = load_image(args.image_a), load_image(args.image_b)
+    m = _manipulator(args)
+    out = m.interpolate(a, b, steps=args.num, noise=args.noise, seed=args.seed)
+    caps = [f"{t:.2f}" for t in __import__("numpy").linspace(0, 1, len(out))]
+    save_grid(args.out, out, caps, cols=len(out))
+    print(f"wrote {len(out)} interpolated images to {args.out}")
+    return 0
+
+
+def _cmd_textdiff(args) -> int:
+    from unclip_jax.manipulate import load_image
+    from unclip_jax.viz import save_grid
+
+    _check_prompts([args.to, getattr(args, "from")])
+    img = load_image(args.image)
+    m = _manipulator(args)
+    out = m.textdiff(img, getattr(args, "from"), args.to, steps=args.num,
+                     max_theta=args.max_theta, seed=args.seed)
+    caps = [f"theta={t:.2f}" for t in __import__("numpy").linspace(0, args.max_theta, len(out))]
+    save_grid(args.out, out, caps, cols=len(out))
+    print(f"wrote {len(out)} images to {args.out}")
+    return 0
+
+
+def _fit(img, size):
+    from unclip_jax.manipulate import _resize
+
+    return _resize(img, size)
+
+
 def _cmd_demo(args) -> int:
     from unclip_jax.demo import run_demo
 
@@ -48,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="text -> image with a diffusers UnCLIP pipeline directory")
-    s.add_argument("--pipeline", required=True, help="a local diffusers UnCLIPPipeline directory")
+    s.add_argument("--pipeline", help="a local diffusers UnCLIPPipeline directory")
+    s.add_argument("--workdir", help="a workdir of stages trained here (e.g. workdir/demo)")
+    s.add_argument("--rerank", type=int, default=0,
+                   help="draw N candidates per image and keep the best by CLIP score (--workdir)")
     s.add_argument("--prompt", required=True, action="append",
                    help="a prompt (repeat for several); '' is the unconditional prompt")
     s.add_argument("--num", type=int, default=1, help="images per prompt")
@@ -71,6 +177,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (with a checkpoint) at this step; the same command resumes")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="measure a trained shapes-world stack (writes report.md)")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--single", type=int, default=64, help="single-object prompts")
+    e.add_argument("--two", type=int, default=32, help="two-object prompts")
+    e.add_argument("--heldout", type=int, default=32, help="held-out-combination prompts")
+    e.set_defaults(func=_cmd_eval)
+
+    def manip(name, help_):
+        m = sub.add_parser(name, help=help_)
+        m.add_argument("--workdir", required=True)
+        m.add_argument("--out", default=f"{name}.png")
+        m.add_argument("--seed", type=int, default=0)
+        m.add_argument("--steps", type=int, default=25, help="DDIM steps")
+        m.add_argument("--guidance", type=float, default=1.0,
+                       help="decoder guidance (1 = none, exact inversion)")
+        m.add_argument("--num", type=int, default=5)
+        return m
+
+    v = manip("variations", "variations of an image (DDIM inversion, then eta > 0)")
+    v.add_argument("--image", required=True)
+    v.add_argument("--eta", type=float, default=1.0)
+    v.set_defaults(func=_cmd_variations)
+    i = manip("interpolate", "interpolate between two images' CLIP embeddings")
+    i.add_argument("--image-a", required=True)
+    i.add_argument("--image-b", required=True)
+    i.add_argument("--noise", choices=["interpolate", "fixed"], default="interpolate")
+    i.set_defaults(func=_cmd_interpolate)
+    td = manip("textdiff", "edit an image towards a text difference")
+    td.add_argument("--image", required=True)
+    td.add_argument("--from", default="", help="the text describing the image now")
+    td.add_argument("--to", required=True, help="the text to move towards")
+    td.add_argument("--max-theta", type=float, default=0.5)
+    td.set_defaults(func=_cmd_textdiff)
 
     d = sub.add_parser("demo", help="the main job on the embedded default (see README)")
     d.add_argument("--workdir", default="workdir/demo")

@@ -8,9 +8,7 @@ configs and params and composes them; it is built from a diffusers UnCLIPPipelin
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import warnings
 from typing import Any, Sequence
 
 import jax
@@ -238,7 +236,6 @@ class UnCLIPPipeline:
         if k < 1:
             raise ValueError(f"prior_candidates must be >= 1, got {k}")
         latents, noise = latents or {}, noise or {}
-        n = len(prompts) * num_images_per_prompt
         rng = jax.random.key(seed)
         keys = [jax.random.fold_in(rng, i) for i in range(3)]
         cond, uncond = self.text_conditioning(prompts, num_images_per_prompt)

@@ -8,7 +8,7 @@ Sources
   files beside the shards are ignored.
 * :func:`folder_pairs` -- a folder (searched recursively) of images (jpg, png, webp, ...), each
   with a caption file of the same stem: ``cat.jpg`` + ``cat.txt``.
-* :func:`clip_embedding_pairs` -- the `clip-retrieval` embedding layout, for training the prior
+* :func:`unclip_jax.data.clip_embeddings.clip_embedding_pairs` -- the `clip-retrieval` layout, for training the prior
   without touching images: ``img_emb/img_emb_{i}.npy`` and ``text_emb/text_emb_{i}.npy``
   (float16/float32 ``[N_i, D]``, rows matched by index), optionally the captions from
   ``metadata/metadata_{i}.parquet`` (needs ``pyarrow``; the ``.npy`` arrays alone need nothing).
@@ -80,7 +80,6 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 #: Name of the per-example count of dropped invalid examples (see the module docstring).
 SKIPPED_KEY = "skipped"
-_FINITE_CHUNK = 4096  # embedding rows per read
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,151 +481,6 @@ def folder_pairs(root, *, image_size: int, process_index: int = 0, process_count
 # ---------------------------------------------------------------------------------------------
 
 
-def list_embedding_shards(root) -> list[tuple[int, str, str, str]]:
-    """``(i, img_emb_i.npy, text_emb_i.npy, metadata_i.parquet)`` for every image shard of a
-    clip-retrieval output folder, sorted by ``i``; the metadata path is '' if absent.  Raises if
-    a text shard is missing."""
-    root = os.fspath(root)
-    found = {}
-    for path in _glob_files(os.path.join(root, "img_emb", "img_emb_*.npy")):
-        m = re.fullmatch(r"img_emb_(\d+)\.npy", os.path.basename(path))
-        if m:
-            found[int(m.group(1))] = path
-    if not found:
-        raise FileNotFoundError(f"no img_emb/img_emb_*.npy under {root!r}")
-    out = []
-    for i in sorted(found):
-        text = os.path.join(root, "text_emb", f"text_emb_{i}.npy")
-        if not _exists(text):
-            raise FileNotFoundError(f"{found[i]} has no matching {text}")
-        meta = os.path.join(root, "metadata", f"metadata_{i}.parquet")
-        out.append((i, found[i], text, meta if _exists(meta) else ""))
-    return out
-
-
-def _load_npy(path: str) -> np.ndarray:
-    if _remote(path):
-        return np.load(io.BytesIO(_read_bytes(path)))
-    return np.load(path, mmap_mode="r")
-
-
-def _read_captions(meta_path: str, column: str, n: int) -> list[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("reading clip-retrieval captions needs pyarrow "
-                          "(`pip install pyarrow`); the .npy embeddings alone do not") from e
-    if not meta_path:
-        raise FileNotFoundError("caption_column given but the shard has no metadata parquet")
-    with _open(meta_path) as f:
-        table = pq.read_table(f, columns=[column])
-    captions = ["" if c is None else str(c) for c in table.column(column).to_pylist()]
-    if len(captions) != n:
-        raise ValueError(f"{meta_path} has {len(captions)} rows, the embeddings {n}")
-    return captions
-
-
-def clip_embedding_pairs(root, *, process_index: int = 0, process_count: int = 1,
-                         shuffle_files: bool = True, seed: int = 0, drop_invalid: bool = True,
-                         caption_column: str | None = None):
-    """Paired CLIP image/text embeddings from a clip-retrieval output folder.
-
-    Shards ``i`` (``img_emb/img_emb_{i}.npy`` with ``text_emb/text_emb_{i}.npy``, rows matched by
-    index) ``process_index::process_count`` of the sorted list go to this process.  Arrays are
-    memory-mapped and read in chunks; float16 is widened to float32.  A row with a non-finite
-    value in either embedding is invalid (dropped and counted in ``skipped``).
-
-    ``caption_column`` (e.g. ``"caption"``) also yields ``caption`` from
-    ``metadata/metadata_{i}.parquet`` -- this needs ``pyarrow``; without it only the arrays are
-    read.  Output dicts: ``image_embed``/``text_embed`` float32 [D], ``key`` string
-    (``"{i}/{row}"``), ``valid`` bool, ``skipped`` int32 (and ``caption``).
-    """
-    tf = _tf()
-    shards = _process_part(list_embedding_shards(root), process_index, process_count, "shards")
-    first_img = _load_npy(shards[0][1])
-    first_txt = _load_npy(shards[0][2])
-    if first_img.ndim != 2 or first_txt.ndim != 2:
-        raise ValueError("clip-retrieval embeddings must be 2-D [N, D] arrays")
-    d_img, d_txt = first_img.shape[1], first_txt.shape[1]
-    del first_img, first_txt
-    by_index = {i: (img, txt, meta) for i, img, txt, meta in shards}
-
-    def chunks(order):
-        """All chunks of one pass: dicts of rows plus their ``valid`` mask."""
-        for i in order:
-            i = int(i)
-            img_path, txt_path, meta_path = by_index[i]
-            img, txt = _load_npy(img_path), _load_npy(txt_path)
-            if img.shape[0] != txt.shape[0] or img.shape[1] != d_img or txt.shape[1] != d_txt:
-                raise ValueError(f"shard {i}: img_emb {img.shape} and text_emb {txt.shape} differ")
-            caps = (_read_captions(meta_path, caption_column, img.shape[0])
-                    if caption_column else None)
-            for start in range(0, img.shape[0], _FINITE_CHUNK):
-                a = np.array(img[start:start + _FINITE_CHUNK], np.float32)  # copies: the
-                b = np.array(txt[start:start + _FINITE_CHUNK], np.float32)  # mmaps are read-only
-                valid = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
-                chunk = {"image_embed": a, "text_embed": b, "valid": valid,
-                         "key": np.array([f"{i}/{r}".encode() for r in
-                                          range(start, start + len(a))], dtype=object)}
-                if caps is not None:
-                    chunk["caption"] = np.array(
-                        [c.strip().encode("utf-8") for c in caps[start:start + len(a)]],
-                        dtype=object)
-                yield chunk
-
-    def gen(order):
-        # The counting rule of _drop_invalid_counting, vectorised per chunk: the invalid rows
-        # after a kept row are charged to it, those before the first kept row of the pass to
-        # that row; one kept chunk is held back so the rows after it can still be charged.
-        held, pending = None, 0
-        for chunk in chunks(order):
-            valid = chunk["valid"]
-            if not drop_invalid:
-                invalid = ~valid
-                chunk["image_embed"][invalid] = 0.0
-                chunk["text_embed"][invalid] = 0.0
-                yield {**chunk, SKIPPED_KEY: invalid.astype(np.int32)}
-                continue
-            kept = np.flatnonzero(valid)
-            if kept.size == 0:
-                if held is None:
-                    pending += len(valid)
-                else:
-                    held[SKIPPED_KEY][-1] += len(valid)
-                continue
-            skipped = (np.append(kept[1:], len(valid)) - kept - 1).astype(np.int32)
-            if held is None:
-                skipped[0] += pending + kept[0]
-            else:
-                held[SKIPPED_KEY][-1] += kept[0]
-                yield held
-            held = chunk if kept.size == len(valid) else {k: v[kept] for k, v in chunk.items()}
-            held[SKIPPED_KEY] = skipped
-        if held is not None:
-            yield held
-
-    sig = {"image_embed": tf.TensorSpec((None, d_img), tf.float32),
-           "text_embed": tf.TensorSpec((None, d_txt), tf.float32),
-           "valid": tf.TensorSpec((None,), tf.bool), "key": tf.TensorSpec((None,), tf.string),
-           SKIPPED_KEY: tf.TensorSpec((None,), tf.int32)}
-    if caption_column:
-        sig["caption"] = tf.TensorSpec((None,), tf.string)
-    ids = np.array([s[0] for s in shards], np.int64)
-    if shuffle_files and len(shards) > 1:  # one permuted order per pass
-        orders = tf.data.Dataset.from_tensor_slices(ids).shuffle(
-            len(ids), seed=seed, reshuffle_each_iteration=True).batch(len(ids))
-    else:
-        orders = tf.data.Dataset.from_tensors(ids)
-    ds = orders.flat_map(
-        lambda order: tf.data.Dataset.from_generator(gen, output_signature=sig, args=(order,)))
-    return ds.unbatch().with_options(_options(tf))
-
-
-# ---------------------------------------------------------------------------------------------
-# Batching and global arrays
-# ---------------------------------------------------------------------------------------------
-
-
 def batched(ds, global_batch_size: int, *, process_count: int = 1, shuffle_buffer: int = 2048,
             seed: int = 0, repeat: bool = True, drop_remainder: bool = True, prefetch: int = 2):
     """Per-host batches of ``global_batch_size // process_count`` examples.
@@ -700,8 +554,8 @@ def write_webdataset_shard(path: str, samples: Iterable[tuple[str, dict[str, byt
 
 __all__ = [
     "IMAGE_EXTENSIONS", "SKIPPED_KEY", "webdataset_pairs", "folder_pairs",
-    "clip_embedding_pairs", "batched", "to_global_arrays", "as_numpy_iterator", "skipped_count",
-    "list_shards", "list_image_folder", "list_embedding_shards", "iter_webdataset_samples",
+    "batched", "to_global_arrays", "as_numpy_iterator", "skipped_count",
+    "list_shards", "list_image_folder", "iter_webdataset_samples",
     "decode_image", "decode_caption", "decode_pair", "load_folder_example",
     "write_webdataset_shard",
 ]

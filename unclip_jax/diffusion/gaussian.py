@@ -237,11 +237,14 @@ class GaussianDiffusion:
         return jnp.where(t == 0, nll, kl)
 
     def loss(self, out, x0, noise, t, *, loss_type: str = "mse", vlb_weight: float = 1e-3,
-             p2_gamma: float = 0.0, p2_k: float = 1.0, discrete: bool = True):
+             p2_gamma: float = 0.0, p2_k: float = 1.0, min_snr_gamma: float = 0.0,
+             discrete: bool = True):
         """Per-example training loss for model output `out` at (x_t = q_sample(x0, t, noise), t).
 
         mse:    mean squared error on the target of config.prediction, optionally weighted by
-                p2 weighting 1 / (k + SNR_t)^gamma (Choi et al. 2022; gamma = 0 disables it).
+                p2 weighting 1 / (k + SNR_t)^gamma (Choi et al. 2022; gamma = 0 disables it), or
+                by min-SNR-gamma weighting (Hang et al. 2023: the x0-space weight min(SNR, g),
+                expressed for the prediction target; 0 disables it).
         hybrid: mse + vlb_weight * T * L_t (improved DDPM's L_hybrid with lambda = vlb_weight); the
                 variational term trains only the variance (the mean is held fixed by stop_gradient).
         Returns (loss [B], aux dict of per-example terms).
@@ -257,6 +260,11 @@ class GaussianDiffusion:
         mse = jnp.mean((mean_out.astype(jnp.float32) - target.astype(jnp.float32)) ** 2, axis=axes)
         if p2_gamma:
             mse = mse / (p2_k + self.snr(t)) ** p2_gamma
+        if min_snr_gamma:
+            snr = self.snr(t)
+            clipped = jnp.minimum(snr, min_snr_gamma)
+            mse = mse * {"eps": clipped / snr, "x0": clipped,
+                         "v": clipped / (snr + 1.0)}[self.config.prediction]
         aux = {"mse": mse}
         loss = mse
         if loss_type == "hybrid":

@@ -14,7 +14,6 @@ i comes from `fold_in(rng, i)` unless given explicitly (for parity with a peer's
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, NamedTuple
 

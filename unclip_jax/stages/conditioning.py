@@ -135,3 +135,69 @@ def select_rows(mask_rows, a, b):
 
 def unbox(tree):
     return nn.unbox(tree)
+
+
+class CLIPConditionedStage:
+    """Mixin of the stages that see frozen CLIP: the prior and the decoder.
+
+    Loads CLIP (config.clip_dir, default WORKDIR/clip) and its tokenizer, tokenises captions,
+    gives the trainer CLIP's params (+ the empty prompt's tokens) as frozen inputs, and computes
+    the CLIP embeddings of a batch inside the step.
+    """
+
+    name = "stage"
+
+    def _setup_clip(self, config, workdir, embed_dim: int, what: str):
+        from unclip_jax.data.tokenizer import load_tokenizer
+
+        clip_dir = config.clip_dir or (os.path.join(workdir, "clip") if workdir else "")
+        self.clip = load_frozen_clip(clip_dir)
+        if self.clip.embed_dim != embed_dim:
+            raise ValueError(f"the {self.name}'s {what} {embed_dim} differs from CLIP's "
+                             f"projection_dim {self.clip.embed_dim}")
+        tok_path = config.get("tokenizer") or self.clip.tokenizer_path
+        if not tok_path:
+            raise ValueError("no tokenizer: set config.tokenizer")
+        self.tokenizer = load_tokenizer(tok_path)
+        self.L = self.clip.context_length
+        self.null_ids, self.null_mask = tokenize_captions(self.tokenizer, [""], self.L)
+
+    def frozen(self):
+        boxed = self.clip.boxed_abstract()
+        boxed["null_ids"] = jax.ShapeDtypeStruct(self.null_ids.shape, jnp.int32)
+        boxed["null_mask"] = jax.ShapeDtypeStruct(self.null_mask.shape, jnp.bool_)
+        params = {"text": self.clip.text_params, "vision": self.clip.vision_params,
+                  "null_ids": self.null_ids, "null_mask": self.null_mask}
+        return boxed, params
+
+    def conditioning(self, frozen, batch):
+        """(CLIP image embedding, text embedding, text hidden states), no gradient."""
+        clip = self.clip
+        image = clip.encode_image(frozen["vision"],
+                                  clip_pixels(batch["image"], clip.vision_config.image_size))
+        text, hidden = clip.encode_text(frozen["text"], batch["input_ids"])
+        return jax.lax.stop_gradient((image, text, hidden))
+
+    def drop_text(self, frozen, rng, p: float, text, hidden, mask):
+        """Replace each row's text by the empty prompt's with probability p."""
+        null_text, null_hidden = self.clip.encode_text(frozen["text"], frozen["null_ids"])
+        dropped = drop(rng, p, text.shape[0])
+        return (select_rows(dropped, text, jax.lax.stop_gradient(null_text)),
+                select_rows(dropped, hidden, jax.lax.stop_gradient(null_hidden)),
+                select_rows(dropped, mask, frozen["null_mask"]))
+
+    def dummy_batch(self, batch_size):
+        s = int(self.config.data.image_size)
+        return {"image": np.zeros((batch_size, s, s, 3), np.uint8),
+                "input_ids": np.zeros((batch_size, self.L), np.int32),
+                "text_mask": np.ones((batch_size, self.L), bool)}
+
+    def batches(self, *, batch_size, seed, start_step, process_index, process_count):
+        from unclip_jax.data.sources import image_text_batches
+
+        for raw, skipped in image_text_batches(
+                self.config.data, image_size=int(self.config.data.image_size),
+                batch_size=batch_size, seed=seed, start_step=start_step,
+                process_index=process_index, process_count=process_count):
+            ids, mask = tokenize_captions(self.tokenizer, raw["caption"], self.L)
+            yield {"image": raw["image"], "input_ids": ids, "text_mask": mask}, skipped

@@ -69,7 +69,9 @@ class UpsamplerStage(Stage):
         out = self.model().apply({"params": params}, jnp.concatenate([x_t, cond], -1), t,
                                  train=True, rngs={"dropout": k_dropout}, **kw)
         loss, aux = self.diffusion.loss(out, x0, noise, t, loss_type=self.config.loss.type,
-                                        vlb_weight=float(self.config.loss.vlb_weight))
+                                        vlb_weight=float(self.config.loss.vlb_weight),
+                                        min_snr_gamma=float(self.config.loss.get(
+                                            "min_snr_gamma", 0.0)))
         return jnp.mean(loss), {k: jnp.mean(v) for k, v in aux.items()}
 
     def dummy_batch(self, batch_size):

@@ -111,3 +111,24 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         source="shapes", path="", num_examples=8000, seed=0, image_size=64, cache_dir="",
         shuffle_buffer=10000))
     return c
+
+
+def set_run_length(c: ml_collections.ConfigDict, *, small: bool, batch: int, steps: int,
+                   lr_small: float, lr_large: float, weight_decay_large: float = 0.0) -> None:
+    """Batch, steps and the optimiser/EMA/logging defaults of a small (CPU: tiny, demo) or a
+    large (karlo, paper) run."""
+    c.batch_size = batch
+    c.total_steps = steps
+    c.optimizer.lr = lr_small if small else lr_large
+    c.optimizer.warmup_steps = min(100, steps // 10)
+    c.optimizer.weight_decay = 0.0 if small else weight_decay_large
+    c.ema.decay = 0.995 if small else 0.9999
+    c.log_every = 10 if small else 100
+
+
+def size_spec(sizes: dict, arg) -> tuple[str, dict]:
+    """(size name, its spec) from `get_config`'s argument ("size=demo")."""
+    a = parse_arg(arg, size="tiny")
+    if a.size not in sizes:
+        raise ValueError(f"unknown size {a.size!r}; expected one of {sorted(sizes)}")
+    return a.size, sizes[a.size]

@@ -8,7 +8,6 @@ bar, periodic checkpoints and sample images, a checkpoint on SIGTERM).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os

@@ -1,4 +1,6 @@
-"""PyTorch peers of small shapes, built locally with random weights (nothing is downloaded)."""
+"""PyTorch peers (transformers CLIP, diffusers UnCLIP) of small shapes, built locally with random
+weights — nothing is downloaded. For parity tests and benchmarks; needs the test extras
+(torch, diffusers)."""
 from __future__ import annotations
 
 import os

@@ -1,0 +1,183 @@
+"""The embedded default end to end at tiny sizes: train every stage, generate the grid, measure,
+report; the image manipulations; bad input of the CLI."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from unclip_jax.cli import main
+
+TINY = ["total_steps=4", "data.num_examples=64", "log_every=2"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from unclip_jax.demo import run_demo
+
+    w = str(tmp_path_factory.mktemp("demo"))
+    res = run_demo(w, size="tiny", extra=TINY, eval_sizes=(4, 2, 2), progress=False)
+    return w, res
+
+
+def test_demo_writes_grid_report_and_metrics(demo):
+    from PIL import Image
+
+    w, res = demo
+    grid = Image.open(os.path.join(w, "grid.png"))
+    assert grid.format == "PNG" and grid.size[0] >= 8 * 96
+    report = open(os.path.join(w, "report.md")).read()
+    for needle in ("![generated images](grid.png)", "## Faithfulness", "| single |",
+                   "text -> image", "sampled by the prior", "## CLIP score"):
+        assert needle in report
+    m = json.load(open(os.path.join(w, "metrics.json")))
+    for key in ("retrieval", "prior", "faithfulness", "faithfulness_true_embedding",
+                "clip_score", "seconds"):
+        assert key in m
+    # the analyser scores the real renderings of the evaluation prompts perfectly
+    for k in ("single", "two", "heldout"):
+        assert m["faithfulness"][k + "_real_images"]["csp"] == 1.0
+        assert 0.0 <= m["faithfulness"][k]["csp"] <= 1.0
+    assert -1.0 <= m["prior"]["prior_cosine"] <= 1.0
+
+
+def test_rerunning_the_demo_reuses_the_stages(demo, capsys):
+    from unclip_jax.demo import train_stack
+
+    w, _ = demo
+    before = {s: sorted(os.listdir(os.path.join(w, s, "checkpoints")))
+              for s in ("clip", "prior", "decoder", "upsampler")}
+    times = train_stack(w, "tiny", TINY, progress=False)
+    out = capsys.readouterr().out
+    assert out.count("already trained") == 4 and set(times) == {"data"}
+    assert before == {s: sorted(os.listdir(os.path.join(w, s, "checkpoints"))) for s in before}
+
+
+@pytest.fixture(scope="module")
+def manip(demo):
+    from unclip_jax.manipulate import Manipulator
+    from unclip_jax.pipeline import UnCLIPPipeline
+
+    pipe = UnCLIPPipeline.from_workdir(demo[0], progress=False)
+    return Manipulator(pipe, steps=50)
+
+
+@pytest.fixture(scope="module")
+def shape_image():
+    from unclip_jax.data import shapes
+
+    return shapes.render(shapes.sample_scenes("test", 1, seed=3)[0], 64)
+
+
+def test_variations(manip, shape_image):
+    out = manip.variations(shape_image, n=3, eta=1.0, seed=1)
+    size = manip.pipe.image_size
+    assert out.shape == (3, size, size, 3) and out.dtype == np.uint8
+    assert np.abs(out[0].astype(int) - out[1]).max() > 0  # eta > 0: they differ
+
+
+def test_variations_at_eta_zero_reconstruct_the_input(manip, shape_image):
+    from unclip_jax.manipulate import _resize
+
+    rec = manip.variations(shape_image, n=1, eta=0.0, upsample=False)[0]
+    target = _resize(shape_image, manip.size)
+    err = np.abs(rec.astype(np.float64) - target).mean() / 255
+    noisy = manip.variations(shape_image, n=1, eta=1.0, upsample=False, seed=4)[0]
+    err_noisy = np.abs(noisy.astype(np.float64) - target).mean() / 255
+    assert err < 0.03 and err < err_noisy / 3, (err, err_noisy)
+
+
+def test_interpolate_and_textdiff(manip, shape_image):
+    from unclip_jax.data import shapes
+
+    other = shapes.render(shapes.sample_scenes("test", 2, seed=5)[1], 64)
+    size = manip.pipe.image_size
+    for noise in ("interpolate", "fixed"):
+        out = manip.interpolate(shape_image, other, steps=4, noise=noise)
+        assert out.shape == (4, size, size, 3)
+    out = manip.textdiff(shape_image, "a red circle", "a blue square", steps=3)
+    assert out.shape == (3, size, size, 3)
+    with pytest.raises(ValueError, match="non-empty target"):
+        manip.textdiff(shape_image, "x", "  ")
+
+
+def test_slerp_endpoints_and_norm():
+    from unclip_jax.manipulate import slerp
+
+    a, b = np.array([[3.0, 0.0]]), np.array([[0.0, 1.0]])
+    np.testing.assert_allclose(np.asarray(slerp(a, b, 0.0)), a, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(slerp(a, b, 1.0)), b, atol=1e-6)
+    mid = np.asarray(slerp(a, b, 0.5))[0]
+    np.testing.assert_allclose(np.linalg.norm(mid), 2.0, rtol=1e-5)
+    np.testing.assert_allclose(mid / np.linalg.norm(mid), [np.sqrt(0.5)] * 2, rtol=1e-5)
+
+
+def test_rerank_keeps_the_best_candidate(manip):
+    from unclip_jax.evaluate import Evaluator
+    from unclip_jax.manipulate import rerank
+
+    pipe = manip.pipe
+    kw = dict(prior_steps=3, decoder_steps=3, super_res_steps=2)
+    best = rerank(pipe, ["a small red circle in the center"], 3, seed=2, **kw)
+    cands = pipe.generate(["a small red circle in the center"], seed=2, num_images_per_prompt=3,
+                          **kw)
+    ev = Evaluator(pipe)
+    scores = [ev.clip_score(c[None], ["a small red circle in the center"]) for c in cands]
+    np.testing.assert_array_equal(best[0], cands[int(np.argmax(scores))])
+
+
+def test_cli_manipulations_and_eval(demo, tmp_path, capsys):
+    from PIL import Image
+
+    w = demo[0]
+    from unclip_jax.data import shapes
+
+    img = shapes.render(shapes.sample_scenes("test", 1)[0], 64)
+    rgba = tmp_path / "in.png"
+    Image.fromarray(img).convert("RGBA").resize((50, 40)).save(rgba)  # other size and mode
+    out = tmp_path / "v.png"
+    assert main(["variations", "--workdir", w, "--image", str(rgba), "--num", "2",
+                 "--steps", "5", "--out", str(out)]) == 0
+    assert Image.open(out).format == "PNG"
+    assert main(["interpolate", "--workdir", w, "--image-a", str(rgba), "--image-b", str(rgba),
+                 "--num", "3", "--steps", "5", "--out", str(tmp_path / "i.png")]) == 0
+    assert main(["textdiff", "--workdir", w, "--image", str(rgba), "--to", "a blue square",
+                 "--num", "2", "--steps", "5", "--out", str(tmp_path / "t.png")]) == 0
+    assert main(["sample", "--workdir", w, "--prompt", "a red circle", "--rerank", "2",
+                 "--prior-steps", "2", "--decoder-steps", "2", "--super-res-steps", "2",
+                 "--out", str(tmp_path / "s.png"), "--quiet"]) == 0
+    assert main(["eval", "--workdir", w, "--single", "2", "--two", "2", "--heldout", "2"]) == 0
+    assert "faithfulness csp single" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["textdiff", "--image", "IMG", "--to", "   "], "only whitespace"),
+    (["variations", "--image", "NOTIMG"], "is not an image"),
+    (["variations", "--image", "MISSING"], "no such image file"),
+    (["sample", "--prompt", "  "], "only whitespace"),
+])
+def test_cli_bad_input(demo, tmp_path, capsys, argv, needle):
+    from unclip_jax.data import shapes
+    from PIL import Image
+
+    img = tmp_path / "img.png"
+    Image.fromarray(shapes.render(shapes.sample_scenes("test", 1)[0], 64)).save(img)
+    (tmp_path / "not.png").write_text("hello")
+    subst = {"IMG": str(img), "NOTIMG": str(tmp_path / "not.png"),
+             "MISSING": str(tmp_path / "nope.png")}
+    argv = [subst.get(a, a) for a in argv] + ["--workdir", demo[0], "--out",
+                                               str(tmp_path / "o.png")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_workdir_missing_a_stage(tmp_path, capsys):
+    from PIL import Image
+
+    os.makedirs(tmp_path / "clip")
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    assert main(["variations", "--workdir", str(tmp_path), "--image",
+                 str(tmp_path / "x.png")]) == 1
+    assert "train it with" in capsys.readouterr().err

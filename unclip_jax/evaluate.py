@@ -1,0 +1,167 @@
+"""Measurements of a trained shapes-world stack (`unclip-jax eval`): CLIP retrieval, the prior's
+embeddings, faithfulness of generated images (by the deterministic analyser), CLIP score."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax.data import analyse, shapes
+from unclip_jax.stages.conditioning import clip_pixels
+
+
+def _norm(x):
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class Evaluator:
+    """Evaluates a pipeline built by `UnCLIPPipeline.from_workdir` (which carries `pipe.clip`)."""
+
+    def __init__(self, pipe, batch: int = 64):
+        if getattr(pipe, "clip", None) is None:
+            raise ValueError("evaluation needs the CLIP image tower: build the pipeline with "
+                             "UnCLIPPipeline.from_workdir")
+        self.pipe = pipe
+        self.clip = pipe.clip
+        self.batch = batch
+        size = self.clip.vision_config.image_size
+        self._img = jax.jit(lambda p, x: self.clip.encode_image(p, clip_pixels(x, size)))
+
+    def image_embeds(self, images_uint8) -> np.ndarray:
+        out = [np.asarray(self._img(self.clip.vision_params, jnp.asarray(images_uint8[i:i + 256])))
+               for i in range(0, len(images_uint8), 256)]
+        return np.concatenate(out)
+
+    def text_embeds(self, prompts) -> np.ndarray:
+        out = [np.asarray(self.pipe.encode_text(prompts[i:i + 256])["text_embed"])
+               for i in range(0, len(prompts), 256)]
+        return np.concatenate(out)
+
+    # ---------------------------------------------------------------------------------------
+    def retrieval(self, images, captions) -> dict[str, float]:
+        """Zero-shot top-1 over a set of (image, canonical caption) pairs. A hit is a retrieved
+        item whose caption equals the query's (the world has duplicate scenes)."""
+        ie, te = _norm(self.image_embeds(images)), _norm(self.text_embeds(list(captions)))
+        sim = te @ ie.T
+        caps = np.asarray(captions)
+        t2i = np.mean(caps[np.argmax(sim, axis=1)] == caps)
+        i2t = np.mean(caps[np.argmax(sim, axis=0)] == caps)
+        return {"clip_top1_text_to_image": float(t2i), "clip_top1_image_to_text": float(i2t)}
+
+    def prior_similarity(self, images, captions, *, seed=0, steps=25, guidance=4.0,
+                         candidates=1) -> dict[str, float]:
+        """Mean cosine of the prior's sampled image embeddings with the true ones, against the
+        baseline of using the text embedding itself."""
+        true = _norm(self.image_embeds(images))
+        outs, texts = [], []
+        for i in range(0, len(captions), self.batch):
+            cond, uncond = self.pipe.text_conditioning(list(captions[i:i + self.batch]))
+            z = self.pipe.sample_prior(cond, uncond, steps=steps, guidance=guidance,
+                                       rng=jax.random.fold_in(jax.random.key(seed), i),
+                                       candidates=candidates)
+            outs.append(np.asarray(z))
+            texts.append(np.asarray(cond["text_embed"]))
+        z, t = _norm(np.concatenate(outs)), _norm(np.concatenate(texts))
+        return {"prior_cosine": float(np.mean(np.sum(z * true, -1))),
+                "text_embedding_cosine_baseline": float(np.mean(np.sum(t * true, -1)))}
+
+    def generate(self, prompts, *, seed=0, steps=(25, 25, 7), guidance=(4.0, 4.0),
+                 true_images=None):
+        """Generated (final, decoder) uint8 images for prompts; with `true_images` the decoder is
+        fed the real images' CLIP embeddings instead of the prior's."""
+        finals, lows = [], []
+        for i in range(0, len(prompts), self.batch):
+            chunk = list(prompts[i:i + self.batch])
+            rng = jax.random.fold_in(jax.random.key(seed), i)
+            cond, uncond = self.pipe.text_conditioning(chunk)
+            if true_images is None:
+                z = self.pipe.sample_prior(cond, uncond, steps=steps[0], guidance=guidance[0],
+                                           rng=jax.random.fold_in(rng, 0),
+                                           candidates=self.pipe.prior_candidates)
+            else:
+                z = jnp.asarray(self.image_embeds(true_images[i:i + self.batch]))
+            low = self.pipe.sample_decoder(z, cond, uncond, steps=steps[1], guidance=guidance[1],
+                                           rng=jax.random.fold_in(rng, 1))
+            lows.append(_u8(low * 0.5 + 0.5))
+            if self.pipe.super_res_first is not None:
+                finals.append(_u8(self.pipe.sample_super_res(low, steps=steps[2],
+                                                             rng=jax.random.fold_in(rng, 2))))
+            else:
+                finals.append(lows[-1])
+        return np.concatenate(finals), np.concatenate(lows)
+
+    def clip_score(self, images, prompts) -> float:
+        """100 x mean cosine between CLIP image and text embeddings (CLIPScore without the clip
+        at 0), with this stack's own CLIP."""
+        ie, te = _norm(self.image_embeds(images)), _norm(self.text_embeds(list(prompts)))
+        return float(100 * np.mean(np.sum(ie * te, -1)))
+
+
+def _u8(x):
+    return np.asarray(np.round(np.clip(np.asarray(x), 0, 1) * 255), np.uint8)
+
+
+def faithfulness(images, scenes) -> dict[str, float]:
+    """Analyser scores; `csp` = colour, shape and position all right (the demo's target)."""
+    rows = [analyse.check(im, sc) for im, sc in zip(images, scenes)]
+    out = {k: float(np.mean([r[k] for r in rows])) for k in analyse.CHECK_KEYS}
+    out["csp"] = float(np.mean([r["color"] and r["shape"] and r["position"] and r["binding"]
+                                and r["count"] for r in rows]))
+    return out
+
+
+def eval_sets(n_single: int, n_two: int, n_heldout: int, seed: int = 0):
+    """Test-split scenes with one object, with two, and held-out-pair scenes (canonical
+    captions), rendered at 64 px."""
+    def take(split, want_objects, n):
+        out = []
+        scenes = shapes.sample_scenes(split, 40 * n + 100, seed=seed)
+        for sc in scenes:
+            if want_objects is None or len(sc.objects) == want_objects:
+                out.append(sc)
+            if len(out) == n:
+                break
+        return out
+
+    sets = {"single": take("test", 1, n_single), "two": take("test", 2, n_two),
+            "heldout": take("heldout", None, n_heldout)}
+    return {k: dict(scenes=v, prompts=[shapes.canonical_caption(s) for s in v],
+                    images=np.stack([shapes.render(s, 64) for s in v]))
+            for k, v in sets.items()}
+
+
+def evaluate(pipe, *, n_single=64, n_two=32, n_heldout=32, seed=0, steps=(25, 25, 7),
+             guidance=(4.0, 4.0)) -> dict[str, Any]:
+    """All the measurements, as a nested dict (also the generated images under '_images')."""
+    ev = Evaluator(pipe)
+    sets = eval_sets(n_single, n_two, n_heldout, seed)
+    allimg = np.concatenate([s["images"] for s in sets.values()])
+    allcap = sum((s["prompts"] for s in sets.values()), [])
+    res: dict[str, Any] = {"retrieval": ev.retrieval(allimg, allcap)}
+    res["prior"] = ev.prior_similarity(allimg, allcap, seed=seed, steps=steps[0],
+                                       guidance=guidance[0])
+    res["faithfulness"], res["faithfulness_decoder_output"] = {}, {}
+    res["faithfulness_true_embedding"], res["clip_score"] = {}, {}
+    images = {}
+    for name, s in sets.items():
+        final, low = ev.generate(s["prompts"], seed=seed, steps=steps, guidance=guidance)
+        _, low_true = ev.generate(s["prompts"], seed=seed, steps=steps, guidance=guidance,
+                                  true_images=s["images"])
+        res["faithfulness"][name] = faithfulness(final, s["scenes"])
+        res["faithfulness_decoder_output"][name] = faithfulness(low, s["scenes"])
+        res["faithfulness_true_embedding"][name] = faithfulness(low_true, s["scenes"])
+        res["faithfulness"][name + "_real_images"] = faithfulness(s["images"], s["scenes"])
+        res["clip_score"][name] = {"generated": ev.clip_score(final, s["prompts"]),
+                                   "real": ev.clip_score(s["images"], s["prompts"])}
+        images[name] = (final, s["prompts"])
+    res["_images"] = images
+    return res
+
+
+def write_json(path: str, res: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({k: v for k, v in res.items() if not k.startswith("_")}, f, indent=2)

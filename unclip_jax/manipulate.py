@@ -1,0 +1,159 @@
+"""The paper's image manipulations, on a pipeline built with `UnCLIPPipeline.from_workdir`:
+
+  variations   encode an image to its CLIP image embedding, DDIM-invert it with the decoder to
+               x_T, decode again with DDIM eta > 0 (eta = 0 reconstructs the image)
+  interpolate  slerp between two images' CLIP embeddings, x_T interpolated or held fixed
+  textdiff     z_d = norm(z_t - z_t0); slerp from the image embedding towards z_d at a fixed x_T
+  rerank       draw N candidates per prompt, keep the best by CLIP score
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax.stages.conditioning import clip_pixels
+
+
+def load_image(path: str) -> np.ndarray:
+    """An image file -> uint8 RGB [H, W, 3] (any mode converted); a clear error otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "P"):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
+                im = Image.alpha_composite(bg, im)
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such image file: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not an image Pillow can read ({type(e).__name__})") from None
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    h, w = img.shape[:2]
+    s = min(h, w)  # centre crop to a square, then resize
+    img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+
+
+def slerp(a, b, t):
+    """Spherical interpolation of directions with the norm interpolated linearly. a, b [..., E]."""
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    na, nb = jnp.linalg.norm(a, axis=-1, keepdims=True), jnp.linalg.norm(b, axis=-1, keepdims=True)
+    ua, ub = a / na, b / nb
+    omega = jnp.arccos(jnp.clip(jnp.sum(ua * ub, -1, keepdims=True), -1.0, 1.0))
+    so = jnp.sin(omega)
+    safe = so > 1e-6
+    wa = jnp.where(safe, jnp.sin((1 - t) * omega) / jnp.where(safe, so, 1.0), 1 - t)
+    wb = jnp.where(safe, jnp.sin(t * omega) / jnp.where(safe, so, 1.0), t)
+    u = wa * ua + wb * ub
+    return u * ((1 - t) * na + t * nb)
+
+
+class Manipulator:
+    def __init__(self, pipe, steps: int = 25, guidance: float = 1.0):
+        if getattr(pipe, "clip", None) is None:
+            raise ValueError("manipulations need the CLIP image tower: use "
+                             "UnCLIPPipeline.from_workdir")
+        self.pipe, self.steps, self.guidance = pipe, steps, guidance
+        clip = pipe.clip
+        size = clip.vision_config.image_size
+        self._embed = jax.jit(lambda p, x: clip.encode_image(p, clip_pixels(x, size)))
+        self.size = pipe.decoder.config.unet.sample_size
+
+    def embed(self, images_u8) -> jax.Array:
+        return self._embed(self.pipe.clip.vision_params, jnp.asarray(images_u8))
+
+    def _x0(self, images_u8):
+        small = np.stack([_resize(im, self.size) for im in images_u8])
+        return jnp.asarray(small, jnp.float32) / 127.5 - 1.0
+
+    def _null_text(self, n):
+        cond, uncond = self.pipe.text_conditioning([""] * n)
+        return cond, (uncond if self.guidance > 1.0 else None)
+
+    def invert(self, images_u8, embeds=None):
+        """DDIM inversion (eta = 0) of images to the decoder's x_T."""
+        embeds = self.embed(images_u8) if embeds is None else embeds
+        cond, _ = self._null_text(len(images_u8))
+        return self.pipe.invert_decoder(self._x0(images_u8), embeds, cond, steps=self.steps)
+
+    def decode(self, embeds, x_T, *, eta: float = 0.0, seed: int = 0, upsample: bool = True):
+        """DDIM decode CLIP image embeddings from x_T -> uint8 images."""
+        n = embeds.shape[0]
+        cond, uncond = self._null_text(n)
+        low = self.pipe.sample_decoder(embeds, cond, uncond, steps=self.steps,
+                                       guidance=self.guidance, rng=jax.random.key(seed),
+                                       latents=x_T, method="ddim", eta=eta)
+        if upsample and self.pipe.super_res_first is not None:
+            out = self.pipe.sample_super_res(low, rng=jax.random.key(seed + 1))
+        else:
+            out = low * 0.5 + 0.5
+        return np.asarray(np.round(np.clip(np.asarray(out), 0, 1) * 255), np.uint8)
+
+    # ---------------------------------------------------------------------------------------
+    def variations(self, image_u8, n: int = 4, eta: float = 1.0, seed: int = 0, upsample=True):
+        emb = self.embed(image_u8[None])
+        x_T = self.invert(image_u8[None], emb)
+        return self.decode(jnp.repeat(emb, n, 0), jnp.repeat(x_T, n, 0), eta=eta, seed=seed,
+                           upsample=upsample)
+
+    def interpolate(self, image_a, image_b, steps: int = 5, noise: str = "interpolate",
+                    seed: int = 0):
+        """noise: 'interpolate' (slerp between the two inverted x_T) or 'fixed' (one random x_T)."""
+        if noise not in ("interpolate", "fixed"):
+            raise ValueError(f"noise must be 'interpolate' or 'fixed', got {noise!r}")
+        if steps < 2:
+            raise ValueError("interpolation needs at least 2 steps")
+        imgs = np.stack([_resize(image_a, max(image_a.shape[:2])),
+                         _resize(image_b, max(image_a.shape[:2]))])
+        emb = self.embed(imgs)
+        ts = jnp.linspace(0.0, 1.0, steps)[:, None]
+        z = slerp(emb[0][None], emb[1][None], ts)
+        if noise == "fixed":
+            x_T = jnp.broadcast_to(jax.random.normal(jax.random.key(seed),
+                                                     (1, self.size, self.size, 3)),
+                                   (steps, self.size, self.size, 3))
+        else:
+            xs = self.invert(imgs, emb).reshape(2, -1)
+            x_T = slerp(xs[0][None], xs[1][None], ts).reshape(steps, self.size, self.size, 3)
+        return self.decode(z, x_T, seed=seed)
+
+    def textdiff(self, image_u8, text_from: str, text_to: str, steps: int = 5,
+                 max_theta: float = 0.5, seed: int = 0):
+        if not text_to.strip():
+            raise ValueError("textdiff needs a non-empty target text (--to)")
+        emb = self.embed(image_u8[None])
+        x_T = self.invert(image_u8[None], emb)
+        t = self.pipe.encode_text([text_to, text_from])["text_embed"]
+        d = t[0] - t[1]
+        z_d = d / jnp.maximum(jnp.linalg.norm(d), 1e-12)
+        thetas = jnp.linspace(0.0, max_theta, steps)[:, None]
+        # slerp the direction, keep the image embedding's norm
+        z = slerp(emb, z_d[None] * jnp.linalg.norm(emb), thetas)
+        return self.decode(z, jnp.repeat(x_T, steps, 0), seed=seed)
+
+
+def rerank(pipe, prompts, candidates: int, *, seed: int = 0, **gen_kw) -> np.ndarray:
+    """Generate `candidates` images per prompt and keep each prompt's best by CLIP score."""
+    from unclip_jax.evaluate import Evaluator
+
+    if candidates < 1:
+        raise ValueError(f"--rerank needs a positive number of candidates, got {candidates}")
+    imgs = pipe.generate(prompts, seed=seed, num_images_per_prompt=candidates, **gen_kw)
+    ev = Evaluator(pipe)
+    ie = np.asarray(ev.image_embeds(imgs), np.float64)
+    te = np.asarray(ev.text_embeds(list(prompts)), np.float64)
+    ie /= np.linalg.norm(ie, axis=-1, keepdims=True)
+    te /= np.linalg.norm(te, axis=-1, keepdims=True)
+    scores = np.sum(ie.reshape(len(prompts), candidates, -1) * te[:, None], -1)
+    best = np.argmax(scores, axis=1)
+    return imgs.reshape(len(prompts), candidates, *imgs.shape[1:])[np.arange(len(prompts)), best]
