@@ -13,7 +13,7 @@ SIZES = {
                  context=32, groups=8, batch=8, steps=20, image=32),
     # sized for ~5 minutes of a 2-core CPU (about 0.6 s a step)
     "demo": dict(channels=(16, 32, 64), layers=1, attn=(False, False, True), head=32, size=32,
-                 clip=64, context=64, groups=8, batch=32, steps=500, image=64),
+                 clip=64, context=64, groups=8, batch=32, steps=450, image=64),
     "karlo": dict(channels=(320, 640, 960, 1280), layers=3, attn=(False, True, True, True),
                   head=64, size=64, clip=768, context=1536, groups=32, batch=2048,
                   steps=800_000, image=224),

@@ -10,7 +10,7 @@ SIZES = {
     "tiny": dict(channels=(16, 32), layers=1, groups=8, out=32, low=16, crop=16, deg="blur",
                  batch=8, steps=20),
     "demo": dict(channels=(16, 32, 32), layers=1, groups=8, out=64, low=32, crop=32, deg="blur",
-                 batch=16, steps=300),
+                 batch=16, steps=200),
     "sr256": dict(channels=(320, 640, 960, 1280), layers=3, groups=32, out=256, low=64, crop=128,
                   deg="blur", batch=1024, steps=1_000_000),
     "sr1024": dict(channels=(192, 384, 576, 768), layers=2, groups=32, out=1024, low=256,

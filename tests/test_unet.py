@@ -9,6 +9,7 @@ import pytest
 
 from unclip_jax.convert import diffusers_unet
 from unclip_jax.convert.torch_io import CheckpointMismatchError
+from unclip_jax.models import decoder as decoder_lib
 from unclip_jax.models import unet as unet_lib
 
 torch = pytest.importorskip("torch")
@@ -188,7 +189,7 @@ def test_decoder_parity(name, tmp_path):
         params = diffusers_unet.convert_decoder(_sd(tm), _sd(tp), cfg)
     assert cfg.clip_extra_context_tokens == 4 and cfg.clip_embed_dim == clip_dim
     assert cfg.unet.sample_size == kw["sample_size"]
-    apply = _apply(unet_lib.Decoder(cfg))
+    apply = _apply(decoder_lib.Decoder(cfg))
     rng = np.random.default_rng(1)
     b, s, L = 2, kw["sample_size"], 5
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
@@ -326,10 +327,10 @@ def test_config_roundtrip_and_features():
                               layers_per_block=1, attention_head_dim=8, norm_groups=8,
                               noise_level_cond=True, dropout=0.1, remat=True)
     assert unet_lib.UNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    dcfg = unet_lib.DecoderConfig(unet=unet_lib.UNetConfig(block_out_channels=(16, 32), norm_groups=8,
+    dcfg = decoder_lib.DecoderConfig(unet=unet_lib.UNetConfig(block_out_channels=(16, 32), norm_groups=8,
                                                            attention_head_dim=8, context_dim=12,
                                                            time_cond=True), clip_embed_dim=10)
-    assert unet_lib.DecoderConfig.from_dict(json.loads(json.dumps(dcfg.to_dict()))) == dcfg
+    assert decoder_lib.DecoderConfig.from_dict(json.loads(json.dumps(dcfg.to_dict()))) == dcfg
 
     model = unet_lib.UNet(cfg)
     x, t, kw = unet_lib.init_inputs(cfg, batch=2, size=8)

@@ -19,7 +19,8 @@ from unclip_jax.convert.diffusers_pipeline import StageSampling, load_components
 from unclip_jax.diffusion import Sampler, SamplingConfig
 from unclip_jax.models.clip import CLIPTextModelWithProjection
 from unclip_jax.models.prior import PriorTransformer, denormalize_embedding
-from unclip_jax.models.unet import Decoder, UNet, upsample_input
+from unclip_jax.models.decoder import Decoder
+from unclip_jax.models.unet import UNet, upsample_input
 
 
 @dataclasses.dataclass
@@ -111,7 +112,8 @@ class UnCLIPPipeline:
         from unclip_jax.data.tokenizer import load_tokenizer
         from unclip_jax.diffusion import DiffusionConfig
         from unclip_jax.models.prior import PriorConfig
-        from unclip_jax.models.unet import DecoderConfig, UNetConfig
+        from unclip_jax.models.decoder import DecoderConfig
+        from unclip_jax.models.unet import UNetConfig
         from unclip_jax.stages.conditioning import load_frozen_clip
         from unclip_jax.train.checkpoint import load_trained
 

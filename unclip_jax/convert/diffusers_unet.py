@@ -23,8 +23,8 @@ import jax
 
 from unclip_jax.convert import torch_io
 from unclip_jax.convert.torch_io import CheckpointMismatchError, ParamWriter  # noqa: F401
-from unclip_jax.models.unet import (Decoder, DecoderConfig, UNet, UNetConfig,
-                                    decoder_init_inputs, init_inputs)
+from unclip_jax.models.decoder import Decoder, DecoderConfig, decoder_init_inputs
+from unclip_jax.models.unet import UNet, UNetConfig, init_inputs
 
 _COND = "UNet2DConditionModel"
 _PLAIN = "UNet2DModel"

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.diffusion import DiffusionConfig, GaussianDiffusion
-from unclip_jax.models.unet import Decoder, DecoderConfig
+from unclip_jax.models.decoder import Decoder, DecoderConfig
 from unclip_jax.stages.base import Stage
 from unclip_jax.stages.conditioning import CLIPConditionedStage, drop, to_model_range
 
