@@ -92,7 +92,7 @@ class Manipulator:
         cond, uncond = self._null_text(n)
         low = self.pipe.sample_decoder(embeds, cond, uncond, steps=self.steps,
                                        guidance=self.guidance, rng=jax.random.key(seed),
-                                       latents=x_T, method="ddim", eta=eta)
+                                       latents=x_T, method="ddim", eta=eta, clip=eta > 0)
         if upsample and self.pipe.super_res_first is not None:
             out = self.pipe.sample_super_res(low, rng=jax.random.key(seed + 1))
         else:

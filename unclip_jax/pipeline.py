@@ -158,13 +158,13 @@ class UnCLIPPipeline:
 
     # ------------------------------------------------------------------ pieces
     def _sampler(self, stage: str, steps: int, coefficient_dtype: str, method: str = "ddpm",
-                 eta: float = 0.0) -> Sampler:
-        key = (stage, steps, coefficient_dtype, method, eta)
+                 eta: float = 0.0, clip: bool = True) -> Sampler:
+        key = (stage, steps, coefficient_dtype, method, eta, clip)
         if key not in self._samplers:
             st = {"prior": self.prior, "decoder": self.decoder,
                   "super_res": self.super_res_first}[stage]
             scfg = SamplingConfig(method=method, eta=eta, steps=steps, spacing="even",
-                                  clip_x0=st.sampling.clip_x0,
+                                  clip_x0=st.sampling.clip_x0 if clip else None,
                                   coefficient_dtype=coefficient_dtype)
             if stage == "prior":
                 fn = self._prior_fn
@@ -301,12 +301,13 @@ class UnCLIPPipeline:
 
     def sample_decoder(self, image_embeds, cond, uncond=None, *, steps: int = 25,
                        guidance: float = 8.0, rng=None, latents=None, noise=None,
-                       method: str = "ddpm", eta: float = 0.0,
+                       method: str = "ddpm", eta: float = 0.0, clip: bool = True,
                        coefficient_dtype: str = "float64"):
-        """Decoder images [N, h, w, 3] in [-1, 1] for CLIP image embeddings (+ text)."""
+        """Decoder images [N, h, w, 3] in [-1, 1] for CLIP image embeddings (+ text).
+        `clip=False` samples without clipping x0 (to mirror an unclipped DDIM inversion)."""
         dcfg = self.decoder.config.unet
         n = image_embeds.shape[0]
-        sampler = self._sampler("decoder", steps, coefficient_dtype, method, eta)
+        sampler = self._sampler("decoder", steps, coefficient_dtype, method, eta, clip)
         x = latents
         if x is None:
             x = jax.random.normal(jax.random.fold_in(rng, 0),
@@ -319,7 +320,7 @@ class UnCLIPPipeline:
     def invert_decoder(self, images, image_embeds, cond, *, steps: int = 25):
         """DDIM inversion of decoder-resolution images [N, h, w, 3] in [-1, 1] to their x_T,
         conditioned on their CLIP image embeddings (unguided, deterministic)."""
-        sampler = self._sampler("decoder", steps, "float64", "ddim", 0.0)
+        sampler = self._sampler("decoder", steps, "float64", "ddim", 0.0, clip=False)
         dc, _ = self._decoder_inputs(image_embeds, cond, None)
         return sampler.invert(self.decoder.params, images, dc)
 
