@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -214,7 +215,14 @@ class UnCLIPPipeline:
                                   prior_guidance=prior_guidance,
                                   decoder_guidance=decoder_guidance,
                                   num_images_per_prompt=num_images_per_prompt)
-        return np.asarray(np.round(np.asarray(out["images"]) * 255.0), np.uint8)
+        images = np.asarray(out["images"])
+        bad = ~np.isfinite(images)
+        if bad.any():
+            warnings.warn(f"{bad.any(axis=(1, 2, 3)).sum()} of {len(images)} images have "
+                          "non-finite pixels (shown black): the weights overflow somewhere",
+                          RuntimeWarning, stacklevel=2)
+            images = np.where(bad, 0.0, images)
+        return np.asarray(np.round(images * 255.0), np.uint8)
 
     def generate_float(self, prompts, *, seed: int = 0, prior_steps: int = 25,
                        decoder_steps: int = 25, super_res_steps: int = 7,
