@@ -10,6 +10,7 @@
 set -euo pipefail
 
 PROG=launch/gpu_local.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # XLA:GPU flags for training. Each was checked to parse with jaxlib 0.10 (an unknown flag in
@@ -45,19 +46,6 @@ Everything after `--` is passed to `unclip-jax train` unchanged. Relative paths 
 EOF
 }
 
-die() { echo "$PROG: error: $*" >&2; exit 2; }
-
-q() {
-  if [[ -n "$1" && "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  elif [[ "$1" =~ ^(--?[A-Za-z0-9_.-]+=|[A-Za-z_][A-Za-z0-9_]*=)(.+)$ ]]; then
-    printf '%s' "${BASH_REMATCH[1]}"; sq "${BASH_REMATCH[2]}"
-  else
-    sq "$1"
-  fi
-}
-sq() { printf "'%s'" "${1//\'/\'\\\'\'}"; }
-qall() { local out="" w; for w in "$@"; do out+="${out:+ }$(q "$w")"; done; printf '%s' "$out"; }
 
 DRY_RUN=0
 run() {
@@ -76,8 +64,6 @@ PYTHON="python3"
 INSTALL=1
 TRAIN_ARGS=()
 
-need_value() { [[ $# -ge 2 ]] || die "option $1 needs a value"; }
-take() { if (( has_val )); then SHIFT=1; else need_value "$@"; val="$2"; SHIFT=2; fi; }
 
 while [[ $# -gt 0 ]]; do
   arg="$1"; val=""; has_val=0

@@ -12,6 +12,7 @@
 set -euo pipefail
 
 PROG=launch/tpu.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 usage() {
@@ -57,21 +58,6 @@ Everything after `--` is passed to `unclip-jax train` unchanged.
 EOF
 }
 
-die() { echo "$PROG: error: $*" >&2; exit 2; }
-
-# Quote one word for a POSIX shell, leaving simple words bare (readable dry runs).
-# "--flag=value" is printed as --flag='value'.
-q() {
-  if [[ -n "$1" && "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  elif [[ "$1" =~ ^(--[A-Za-z0-9_.-]+=)(.+)$ ]]; then
-    printf '%s' "${BASH_REMATCH[1]}"; sq "${BASH_REMATCH[2]}"
-  else
-    sq "$1"
-  fi
-}
-sq() { printf "'%s'" "${1//\'/\'\\\'\'}"; }
-qall() { local out="" w; for w in "$@"; do out+="${out:+ }$(q "$w")"; done; printf '%s' "$out"; }
 
 DRY_RUN=0
 run() {
@@ -105,12 +91,6 @@ WORKER=""
 SSH_COMMAND=""
 YES=0
 TRAIN_ARGS=()
-
-need_value() { [[ $# -ge 2 ]] || die "option $1 needs a value"; }
-# take "$@": the option's value, from "--opt=value" or from the next word (sets val, SHIFT)
-take() {
-  if (( has_val )); then SHIFT=1; else need_value "$@"; val="$2"; SHIFT=2; fi
-}
 
 while [[ $# -gt 0 ]]; do
   arg="$1"
