@@ -80,14 +80,6 @@ def _classes():
         ]
         DEFAULT_CONFIG_NAME = "default"
 
-        # TFDS's own code_path probes `importlib_resources`, a TFDS dependency that may be
-        # missing; this builder has no checksums or metadata files beside its code anyway.
-        @tfds.core.utils.classproperty
-        @classmethod
-        def code_path(cls):
-            from etils import epath
-
-            return epath.Path(__file__)
 
         def _info(self):
             s = self.builder_config.image_size

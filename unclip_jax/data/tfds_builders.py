@@ -75,14 +75,6 @@ def _classes():
         VERSION = tfds.core.Version(_VERSION)
         RELEASE_NOTES = {"1.0.0": "Initial release."}
 
-        # TFDS's own code_path probes `importlib_resources`, which may be missing; these builders
-        # have no checksums or metadata files beside their code anyway.
-        @tfds.core.utils.classproperty
-        @classmethod
-        def code_path(cls):
-            from etils import epath
-
-            return epath.Path(__file__)
 
         def _info(self):
             s = self.builder_config.image_size
