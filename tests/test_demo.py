@@ -41,6 +41,15 @@ def test_demo_writes_grid_report_and_metrics(demo):
     assert -1.0 <= m["prior"]["prior_cosine"] <= 1.0
 
 
+def test_a_relative_workdir_works(demo, monkeypatch):
+    from unclip_jax.pipeline import UnCLIPPipeline
+
+    w = demo[0]
+    monkeypatch.chdir(os.path.dirname(w))
+    pipe = UnCLIPPipeline.from_workdir(os.path.basename(w), progress=False)
+    assert pipe.image_size == 32
+
+
 def test_rerunning_the_demo_reuses_the_stages(demo, capsys):
     from unclip_jax.demo import train_stack
 

@@ -134,6 +134,8 @@ def load_trained(stage_dir: str, which: str = "ema_params") -> tuple[dict[str, A
     `which` is "ema_params" (what sampling uses) or "params". Arrays come back as host numpy.
     """
     cfg = read_stage_config(stage_dir)
+    if "://" not in stage_dir:  # Orbax wants absolute local paths
+        stage_dir = os.path.abspath(stage_dir)
     ckdir = os.path.join(stage_dir, "checkpoints")
     if not os.path.isdir(ckdir):
         raise FileNotFoundError(f"{stage_dir} has no checkpoints yet")
