@@ -72,6 +72,34 @@ def attention(q, k, v, *, mask=None, is_causal=False, implementation=None):
     )
 
 
+REMAT_POLICIES = ("full", "dots", "dots_with_batch", "nothing")
+
+
+def remat_policy(name: str):
+    """A `jax.checkpoint` policy by name: what the backward pass keeps instead of recomputing.
+
+    "full": keep nothing (recompute the whole block; least memory); "dots": keep the results of
+    matrix products without batch dimensions (projections, MLPs) and recompute the cheap
+    elementwise work and attention; "dots_with_batch": keep every matrix product (attention
+    scores too); "nothing": keep everything (remat off, for comparisons).
+    """
+    policies = jax.checkpoint_policies
+    table = {"full": policies.nothing_saveable,
+             "dots": policies.dots_with_no_batch_dims_saveable,
+             "dots_with_batch": policies.checkpoint_dots,
+             "nothing": policies.everything_saveable}
+    if name not in table:
+        raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {name!r}")
+    return table[name]
+
+
+def maybe_remat(module_cls, enabled: bool, policy: str = "full", **kw):
+    """`nn.remat(module_cls, policy=...)` when enabled, else the class itself."""
+    if not enabled:
+        return module_cls
+    return nn.remat(module_cls, policy=remat_policy(policy), **kw)
+
+
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0,
                        flip_sin_to_cos: bool = True, downscale_freq_shift: float = 0.0) -> jax.Array:
     """Sinusoidal timestep embedding, [B] -> [B, dim], float32.

@@ -73,6 +73,13 @@ class PriorConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str | None = None   # None (XLA) | "cudnn" (flash attention on GPU)
+    # training speed / memory: rematerialise each block in the backward pass (policy: see
+    # layers.remat_policy), and run the blocks as one `nn.scan` over stacked params (one
+    # compiled block instead of num_layers copies; params blocks/... get a leading layer axis,
+    # see stack_block_params / unstack_block_params)
+    remat: bool = False
+    remat_policy: str = "full"
+    scan_layers: bool = False
 
     def __post_init__(self):
         inner = self.num_heads * self.head_dim
@@ -100,6 +107,7 @@ class PriorConfig:
         if self.embedding_norm not in EMBEDDING_NORMS:
             raise ValueError(f"embedding_norm must be one of {EMBEDDING_NORMS},"
                              f" got {self.embedding_norm!r}")
+        layers.remat_policy(self.remat_policy)  # raise early on a bad policy name
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(f"attention_impl must be None, 'xla' or 'cudnn', got {self.attention_impl!r}")
 
@@ -185,7 +193,7 @@ class PriorBlock(nn.Module):
     config: PriorConfig
 
     @nn.compact
-    def __call__(self, x, mask, *, train: bool = False):
+    def __call__(self, x, mask, train: bool = False):
         c = self.config
         dt, pdt = _dt(c.dtype), _dt(c.param_dtype)
         h = layers.layer_norm("norm1", c.layer_norm_eps, dt, pdt)(x).astype(dt)
@@ -194,6 +202,44 @@ class PriorBlock(nn.Module):
         h = layers.layer_norm("norm2", c.layer_norm_eps, dt, pdt)(x).astype(dt)
         x = x + _FeedForward(c, name="ff")(h, train=train)
         return layers.constrain(x, ("batch", "length", "embed"))
+
+
+class _ScannedBlock(PriorBlock):
+    """PriorBlock in `nn.scan`'s carry form: (x, mask) -> (x, None)."""
+
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x, mask):
+        return PriorBlock.__call__(self, x, mask, self.train), None
+
+
+def _blocks(c: PriorConfig, train: bool, name: str = "blocks"):
+    """The transformer trunk: a list of blocks, or one scanned block over stacked params."""
+    if not c.scan_layers:
+        cls = layers.maybe_remat(PriorBlock, c.remat, c.remat_policy, static_argnums=(3,))
+        return [cls(c, name=f"{name}_{i}") for i in range(c.num_layers)]
+    cls = layers.maybe_remat(_ScannedBlock, c.remat, c.remat_policy)
+    return nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast,), length=c.num_layers,
+                   metadata_params={nn.PARTITION_NAME: "layers"})(c, train=train, name=name)
+
+
+def stack_block_params(params, num_layers: int):
+    """Unscanned params (blocks_0 ... blocks_{n-1}) -> scanned params (blocks, leading axis n)."""
+    out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+    per = [params[f"blocks_{i}"] for i in range(num_layers)]
+    out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per)
+    return out
+
+
+def unstack_block_params(params):
+    """Scanned params (blocks [n, ...]) -> unscanned params (blocks_0 ... blocks_{n-1})."""
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    n = jax.tree.leaves(params["blocks"])[0].shape[0]
+    for i in range(n):
+        out[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+    return out
 
 
 class _TimeMLP(nn.Module):
@@ -252,7 +298,6 @@ class PriorTransformer(nn.Module):
                 "prd_embedding", nn.with_logical_partitioning(init, ("embed",)), (c.width,), pdt)
         if c.norm_in_type == "layer":
             self.norm_in = layers.layer_norm(None, c.layer_norm_eps, dt, pdt)
-        self.blocks = [PriorBlock(c) for _ in range(c.num_layers)]
         self.norm_out = layers.layer_norm(None, c.layer_norm_eps, dt, pdt)
         self.proj_to_clip_embeddings = layers.Dense(c.out_dim, kernel_axes=("embed", None),
                                                     dtype=dt, param_dtype=pdt)
@@ -303,10 +348,18 @@ class PriorTransformer(nn.Module):
 
         if c.norm_in_type == "layer":
             h = self.norm_in(h).astype(dt)
-        for block in self.blocks:
-            h = block(h, mask, train=train)
+        h = self._trunk(h, mask, train)
         h = self.norm_out(h[:, -1]).astype(dt)  # the query (or, without prd, the image) token
         return self.proj_to_clip_embeddings(h).astype(jnp.float32)
+
+    @nn.compact
+    def _trunk(self, h, mask, train):
+        blocks = _blocks(self.config, train)
+        if self.config.scan_layers:
+            return blocks(h, mask)[0]
+        for block in blocks:
+            h = block(h, mask, train)
+        return h
 
     # -- image-embedding normalisation (use with model.apply(variables, x, method=...)) --
     def normalize(self, x):

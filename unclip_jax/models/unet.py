@@ -81,7 +81,8 @@ class UNetConfig:
     time_cond: a [B, time_embed_dim] vector is added to the time embedding (diffusers
       class_embed_type="identity"; the unCLIP decoder's CLIP-embedding projection).
     noise_level_cond: the upsampler's noise-augmentation level is embedded like t and added.
-    remat: rematerialise res blocks in the backward pass (saves activation memory).
+    remat: rematerialise res blocks in the backward pass (saves activation memory);
+      remat_policy: what is kept (see layers.remat_policy: "full", "dots", ...).
     """
 
     in_channels: int = 3
@@ -113,6 +114,7 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     remat: bool = False
+    remat_policy: str = "full"
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str | None = None
@@ -128,6 +130,7 @@ class UNetConfig:
             v = getattr(self, name)
             if isinstance(v, list):
                 object.__setattr__(self, name, tuple(v))
+        layers.remat_policy(self.remat_policy)  # raise early on a bad policy name
         if len(self.attention_levels) != n:
             raise ValueError(f"attention_levels has {len(self.attention_levels)} entries for {n} levels")
         _tuple(self.layers_per_block, n, "layers_per_block")
@@ -344,7 +347,7 @@ class Upsample(nn.Module):
 # the UNet
 
 def _res_cls(cfg: UNetConfig):
-    return nn.remat(ResBlock) if cfg.remat else ResBlock
+    return layers.maybe_remat(ResBlock, cfg.remat, cfg.remat_policy)
 
 
 def _updown_cls(cfg: UNetConfig, up: bool):
