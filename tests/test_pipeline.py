@@ -1,5 +1,7 @@
 """The whole text-to-image pipeline against diffusers' UnCLIPPipeline with the same imported
 weights, the same initial latents and the same per-step noise; bad input; the CLI."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -163,3 +165,47 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "\n" not in err and "not a diffusers pipeline directory" in err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_bfloat16_pipeline_tracks_float32(peer_dir, ours):
+    """dtype='bfloat16' runs every network in bf16 with bf16 weights: the same pipeline up to
+    bf16 rounding (relative error ~1e-2 on the stages' outputs), float32 sampler arithmetic."""
+    from unclip_jax.pipeline import UnCLIPPipeline
+
+    bf = UnCLIPPipeline.from_diffusers(peer_dir, progress=False, dtype="bfloat16")
+    leaves = jax_leaves(bf.decoder.params)
+    assert all(x.dtype == jnp.bfloat16 for x in leaves)
+    assert bf.prior.params["clip_std"].dtype == jnp.float32  # statistics, not weights
+    assert bf.decoder.config.unet.dtype == "bfloat16" and bf.text_config.dtype == "bfloat16"
+    # one decoder call: bf16 rounding, no more
+    cond, uncond = ours.text_conditioning(["red circle", "a blue square"])
+    emb = jax.random.normal(jax.random.key(0), (2, cond["text_embed"].shape[1]))
+    dc, _ = ours._decoder_inputs(emb, cond, uncond)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    t = jnp.array([999, 400])
+    rel = _rel(bf._decoder_fn(bf.decoder.params, x, t, dc),
+               ours._decoder_fn(ours.decoder.params, x, t, dc))
+    assert 1e-4 < rel < 5e-2, rel  # bf16 really was used, and stayed close
+    # the whole pipeline at mild guidance (guidance multiplies the cond - uncond difference and
+    # its rounding error; these random networks are far from smooth)
+    kw = dict(seed=5, prior_steps=4, decoder_steps=4, super_res_steps=2, prior_candidates=1,
+              prior_guidance=1.5, decoder_guidance=1.5)
+    ref = ours.generate_float(["red circle", "a blue square"], **kw)
+    out = bf.generate_float(["red circle", "a blue square"], **kw)
+    # (bound per stage: each stage's chaos amplifies what the stage before it handed on; a
+    # broken cast gives ~1)
+    for key, bound in (("image_embeds", 0.05), ("low_res", 0.1), ("images", 0.25)):
+        assert np.isfinite(np.asarray(out[key])).all()
+        rel = _rel(out[key], ref[key])
+        assert 1e-5 < rel < bound, (key, rel)
+    with pytest.raises(ValueError, match="dtype"):
+        UnCLIPPipeline.from_diffusers(peer_dir, dtype="int8")
+
+
+def jax_leaves(tree):
+    return jax.tree.leaves(tree)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))

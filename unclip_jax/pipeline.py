@@ -55,16 +55,65 @@ def _validate(prompts, steps: dict[str, int], guidance: dict[str, float], num_im
     return list(prompts)
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _with_compute(config, params, dtype: str | None, attention_impl: str | None):
+    """A model config + params set to compute (and hold params) in `dtype`, with the given
+    attention implementation; None leaves that part as it is. Norms, softmax and timestep
+    embeddings stay float32 inside the models."""
+    changes = {}
+    if dtype is not None:
+        changes.update(dtype=dtype, param_dtype=dtype)
+    if attention_impl is not None:
+        changes["attention_impl"] = None if attention_impl == "xla" else attention_impl
+    if not changes:
+        return config, params
+    if hasattr(config, "unet"):  # DecoderConfig: the dtype lives on its UNet
+        config = dataclasses.replace(config, unet=dataclasses.replace(config.unet, **changes))
+    else:
+        config = dataclasses.replace(config, **changes)
+    if dtype is not None:
+        dt = jnp.dtype(dtype)
+
+        def cast(path, p):  # the prior's embedding statistics stay float32 (not weights)
+            stat = any(getattr(k, "key", None) in ("clip_mean", "clip_std") for k in path)
+            floating = jnp.issubdtype(jnp.asarray(p).dtype, jnp.floating)
+            return jnp.asarray(p, dt) if floating and not stat else p
+        params = jax.tree_util.tree_map_with_path(cast, params)
+    return config, params
+
+
 class UnCLIPPipeline:
     """unCLIP text-to-image.
 
     >>> pipe = UnCLIPPipeline.from_diffusers("path/to/karlo")   # a local diffusers directory
     >>> images = pipe.generate(["a red cube"], seed=0)           # uint8 [N, H, W, 3]
+
+    `dtype="bfloat16"` computes every network in bf16 with bf16 weights (norms, softmax and the
+    sampler's arithmetic stay float32): the fast path on GPUs and TPUs. `attention_impl="cudnn"`
+    uses cuDNN's fused attention on NVIDIA GPUs (bf16/fp16 only).
     """
 
     def __init__(self, tokenizer, text_encoder: tuple[Any, Any], prior: Stage, decoder: Stage,
                  super_res_first: Stage | None, super_res_last: Stage | None = None, *,
-                 prior_candidates: int = 2, progress: bool = True):
+                 prior_candidates: int = 2, progress: bool = True, dtype: str | None = None,
+                 attention_impl: str | None = None):
+        if dtype is not None and dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
+        if attention_impl not in (None, "xla", "cudnn"):
+            raise ValueError(f"attention_impl must be None, 'xla' or 'cudnn', got {attention_impl!r}")
+
+        def cast(stage):
+            if stage is None:
+                return None
+            cfg, params = _with_compute(stage.config, stage.params, dtype, attention_impl)
+            return Stage(cfg, params, stage.sampling)
+
+        text_encoder = _with_compute(*text_encoder, dtype, attention_impl)
+        prior, decoder = cast(prior), cast(decoder)
+        super_res_first, super_res_last = cast(super_res_first), cast(super_res_last)
+        self.dtype = dtype or "float32"
         self.tokenizer = tokenizer
         self.text_config, self.text_params = text_encoder
         self.prior, self.decoder = prior, decoder
