@@ -1,26 +1,39 @@
 """Images/s of UnCLIPPipeline.generate against diffusers' UnCLIPPipeline with the same weights,
 steps (25/25/7), guidance (4/8) and batch, on this machine, in this run.
 
-    python bench/bench_pipeline.py --size small --batch 4
+    python bench/bench_pipeline.py --size small --batch 4                      # CPU
+    python bench/bench_pipeline.py --size karlo --batch 8 --dtype bfloat16     # GPU (H100)
 
-Sizes: fast-test (diffusers' own fast-test shapes: overhead-bound) and small (a ~20 M-parameter
-stack). Prints both rates, the ratio and our compile time (first call minus a warm call).
+Sizes: fast-test (diffusers' own fast-test shapes: overhead-bound), small (a ~7 M-parameter
+stack) and karlo (kakaobrain/karlo-v1-alpha's architecture, random weights). On a GPU the peer
+runs in --peer-dtype (float16 by default, as Karlo is usually run) and ours in --dtype.
+
+Prints both rates, the ratio, our compile time (first call minus a warm call), per-stage times,
+peak device memory of both (GPU), the model FLOPs per image (XLA's cost analysis of one call of
+each network, times the calls the samplers make) and the fraction of the device's peak that
+our time per image reaches. Appends one JSON line per run to --out (if given).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
 
-import numpy as np
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
+
+import numpy as np  # noqa: E402
 
 SIZES = {
     "fast-test": dict(text_dim=32, context=16, decoder_size=32, super_res_size=64,
                       block_out=(32, 64), prior_heads=2, prior_head_dim=12),
     "small": dict(text_dim=128, context=32, decoder_size=64, super_res_size=128,
                   block_out=(64, 128), prior_heads=4, prior_head_dim=32),
+    "karlo": None,  # peers.KARLO
 }
+STEPS = dict(prior=25, decoder=25, super_res=7)
+GUIDANCE = dict(prior=4.0, decoder=8.0)
 
 
 def main():
@@ -28,52 +41,96 @@ def main():
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dtype", default=None, help="ours: float32 | bfloat16 (default: bfloat16 "
+                    "on GPU/TPU, float32 on CPU)")
+    ap.add_argument("--peer-dtype", default=None, help="diffusers: float32 | float16 | bfloat16 "
+                    "(default: float16 on GPU, float32 on CPU)")
+    ap.add_argument("--attention", default=None, choices=("xla", "cudnn"),
+                    help="our attention implementation (default: XLA's choice)")
+    ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--out", default="", help="append a JSON line with the results here")
     args = ap.parse_args()
 
     import jax
     import torch
 
-    from unclip_jax.peers import tiny_unclip_pipeline
+    from unclip_jax.peers import KARLO, UnCLIPArch, unclip_pipeline
     from unclip_jax.pipeline import UnCLIPPipeline
+    from unclip_jax.train.flops import peak_flops
 
+    gpu = jax.devices()[0].platform == "gpu"
+    cuda = torch.cuda.is_available()
+    dtype = args.dtype or ("float32" if jax.devices()[0].platform == "cpu" else "bfloat16")
+    peer_dtype = args.peer_dtype or ("float16" if cuda else "float32")
+    torch_dtype = getattr(torch, peer_dtype)
     torch.set_num_threads(os.cpu_count())
+    arch = KARLO if args.size == "karlo" else UnCLIPArch(**SIZES[args.size])
     prompts = [f"a photo of thing number {i}" for i in range(args.batch)]
-    steps = dict(prior=25, decoder=25, super_res=7)
+    res = dict(size=args.size, batch=args.batch, dtype=dtype, peer_dtype=peer_dtype,
+               attention=args.attention or "default", device=jax.devices()[0].device_kind,
+               n_devices=jax.device_count())
     with tempfile.TemporaryDirectory() as d:
-        peer = tiny_unclip_pipeline(d, seed=0, **SIZES[args.size])
+        t0 = time.perf_counter()
+        peer = unclip_pipeline(d, arch, seed=0, torch_dtype=torch_dtype,
+                               device="cuda" if cuda else None,
+                               randomise_scale=None if args.size == "karlo" else 0.1)
         peer.set_progress_bar_config(disable=True)
-        n_params = sum(p.numel() for m in (peer.prior, peer.decoder, peer.super_res_first,
-                                            peer.text_encoder, peer.text_proj)
-                       for p in m.parameters())
-        ours = UnCLIPPipeline.from_diffusers(d, progress=False, prior_candidates=1)
+        res["n_params"] = sum(p.numel() for m in (peer.prior, peer.decoder, peer.super_res_first,
+                                                   peer.text_encoder, peer.text_proj)
+                              for p in m.parameters())
+        print(f"built and saved the peer in {time.perf_counter() - t0:.1f} s", flush=True)
+        t0 = time.perf_counter()
+        ours = UnCLIPPipeline.from_diffusers(d, progress=False, prior_candidates=1, dtype=dtype,
+                                             attention_impl=args.attention)
+        print(f"imported into unclip_jax in {time.perf_counter() - t0:.1f} s", flush=True)
 
-        def run_ours():
-            return ours.generate(prompts, seed=0, prior_steps=steps["prior"],
-                                 decoder_steps=steps["decoder"],
-                                 super_res_steps=steps["super_res"])
+    def run_ours():
+        return ours.generate(prompts, seed=0, prior_steps=STEPS["prior"],
+                             decoder_steps=STEPS["decoder"], super_res_steps=STEPS["super_res"],
+                             prior_guidance=GUIDANCE["prior"],
+                             decoder_guidance=GUIDANCE["decoder"])
+
+    t0 = time.perf_counter()
+    run_ours()
+    first = time.perf_counter() - t0
+    ours_t = min(_time(run_ours) for _ in range(args.repeats))
+    res.update(ours_s=ours_t, compile_s=first - ours_t)
+    res["stages_s"] = _stage_times(ours, prompts)
+    res["flops_per_image"] = _flops_per_image(ours, prompts)
+    res["ours_peak_gib"] = _jax_peak_gib()
+    peak = peak_flops()
+    if peak and res["flops_per_image"]:
+        limit = res["flops_per_image"] / peak
+        res["limit_s_per_image"] = limit
+        res["fraction_of_limit"] = limit / (ours_t / args.batch)
+
+    if not args.skip_peer:
+        if cuda:
+            peer.to("cuda")
+            torch.cuda.reset_peak_memory_stats()
 
         def run_peer():
             with torch.inference_mode():
-                return peer(prompts, prior_num_inference_steps=steps["prior"],
-                            decoder_num_inference_steps=steps["decoder"],
-                            super_res_num_inference_steps=steps["super_res"],
-                            generator=torch.Generator().manual_seed(0), output_type="np").images
+                g = torch.Generator("cuda" if cuda else "cpu").manual_seed(0)
+                out = peer(prompts, prior_num_inference_steps=STEPS["prior"],
+                           decoder_num_inference_steps=STEPS["decoder"],
+                           super_res_num_inference_steps=STEPS["super_res"],
+                           prior_guidance_scale=GUIDANCE["prior"],
+                           decoder_guidance_scale=GUIDANCE["decoder"],
+                           generator=g, output_type="np").images
+            if cuda:
+                torch.cuda.synchronize()
+            return out
 
-        t0 = time.perf_counter()
-        run_ours()
-        first = time.perf_counter() - t0
-        ours_t = min(_time(run_ours) for _ in range(args.repeats))
         run_peer()  # warm-up
-        peer_t = min(_time(run_peer) for _ in range(args.repeats))
-    ours_ips, peer_ips = args.batch / ours_t, args.batch / peer_t
-    print(f"device: {jax.devices()[0].device_kind} ({jax.device_count()} devices), "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"size {args.size}: {n_params / 1e6:.1f} M parameters (diffusers count), "
-          f"batch {args.batch}, steps 25/25/7, guidance 4/8")
-    print(f"unclip_jax: {ours_ips:.3f} images/s ({ours_t:.2f} s per batch); "
-          f"compile {first - ours_t:.1f} s")
-    print(f"diffusers : {peer_ips:.3f} images/s ({peer_t:.2f} s per batch)")
-    print(f"ratio     : {ours_ips / peer_ips:.2f}x")
+        res["peer_s"] = min(_time(run_peer) for _ in range(args.repeats))
+        if cuda:
+            res["peer_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        res["ratio"] = res["peer_s"] / ours_t
+    _report(res)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(res) + "\n")
 
 
 def _time(fn):
@@ -81,6 +138,92 @@ def _time(fn):
     out = fn()
     np.asarray(out)
     return time.perf_counter() - t
+
+
+def _stage_times(pipe, prompts):
+    """Warm seconds of each stage of ours, run one after another (block_until_ready between)."""
+    import jax
+
+    def timed(fn):
+        fn()  # compiled already by the full run; one more call warms any re-specialisation
+        t = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        return time.perf_counter() - t, out
+
+    k = jax.random.key(0)
+    t_text, (cond, uncond) = timed(lambda: pipe.text_conditioning(prompts))
+    t_prior, emb = timed(lambda: pipe.sample_prior(cond, uncond, steps=STEPS["prior"],
+                                                   guidance=GUIDANCE["prior"], rng=k))
+    t_dec, low = timed(lambda: pipe.sample_decoder(emb, cond, uncond, steps=STEPS["decoder"],
+                                                   guidance=GUIDANCE["decoder"], rng=k))
+    t_sr, _ = timed(lambda: pipe.sample_super_res(low, steps=STEPS["super_res"], rng=k))
+    return dict(text=t_text, prior=t_prior, decoder=t_dec, super_res=t_sr)
+
+
+def _flops_per_image(pipe, prompts):
+    """Model FLOPs of one image: XLA's cost of one call of each network at this batch (the
+    guided ones on [cond, uncond]) times the number of calls the samplers make."""
+    import jax
+    import jax.numpy as jnp
+
+    from unclip_jax.train.flops import compiled_flops
+
+    n = len(prompts)
+    cond, uncond = pipe.text_conditioning(prompts)
+    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, uncond)
+
+    def cost(fn, *a):
+        return compiled_flops(jax.jit(fn).lower(*a).compile())
+
+    p = pipe.prior.config
+    t2 = jnp.zeros((2 * n,), jnp.int32)
+    f_prior = cost(pipe._prior_fn, pipe.prior.params, jnp.zeros((2 * n, p.out_dim)), t2, both)
+    u = pipe.decoder.config.unet
+    emb = jnp.zeros((n, cond["text_embed"].shape[1]))
+    dc, du = pipe._decoder_inputs(emb, cond, uncond)
+    dboth = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), dc, du)
+    f_dec = cost(pipe._decoder_fn, pipe.decoder.params,
+                 jnp.zeros((2 * n, u.sample_size, u.sample_size, 3)), t2, dboth)
+    s = pipe.super_res_first.config.sample_size
+    first = pipe._sr_first_model  # super_res_last has the same shape
+    f_sr = cost(lambda q, x, t: first.apply({"params": q}, x, t), pipe.super_res_first.params,
+                jnp.zeros((n, s, s, 6)), jnp.zeros((n,), jnp.int32))
+    if None in (f_prior, f_dec, f_sr):
+        return None
+    return (STEPS["prior"] * f_prior + STEPS["decoder"] * f_dec + STEPS["super_res"] * f_sr) / n
+
+
+def _jax_peak_gib():
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 -- CPU has none
+        return None
+    v = stats.get("peak_bytes_in_use")
+    return v / 2 ** 30 if v else None
+
+
+def _report(r):
+    b = r["batch"]
+    print(f"device: {r['device']} x {r['n_devices']}; size {r['size']} "
+          f"({r['n_params'] / 1e6:.0f} M parameters), batch {b}, steps 25/25/7, guidance 4/8")
+    st = r["stages_s"]
+    print(f"unclip_jax ({r['dtype']}, attention {r['attention']}): {b / r['ours_s']:.3f} images/s "
+          f"({r['ours_s']:.2f} s per batch); compile {r['compile_s']:.1f} s; stages: "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in st.items()))
+    if r.get("flops_per_image"):
+        print(f"model FLOPs per image: {r['flops_per_image'] / 1e12:.2f} TFLOP")
+    if r.get("fraction_of_limit"):
+        print(f"peak-FLOP/s limit: {r['limit_s_per_image']:.3f} s per image; ours reaches "
+              f"{100 * r['fraction_of_limit']:.1f}% of it")
+    if "peer_s" in r:
+        print(f"diffusers  ({r['peer_dtype']}): {b / r['peer_s']:.3f} images/s "
+              f"({r['peer_s']:.2f} s per batch)")
+        print(f"ratio      : {r['ratio']:.2f}x")
+    if r.get("ours_peak_gib") is not None or r.get("peer_peak_gib") is not None:
+        print(f"peak device memory: unclip_jax {r.get('ours_peak_gib') or float('nan'):.2f} GiB, "
+              f"diffusers {r.get('peer_peak_gib') or float('nan'):.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ weights — nothing is downloaded. For parity tests and benchmarks; needs the te
 (torch, diffusers)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -35,44 +36,98 @@ def randomise(module, seed: int, scale: float = 0.2):
     return module
 
 
-def tiny_unclip_pipeline(path: str, *, seed: int = 0, text_dim: int = 32, context: int = 16,
-                         decoder_size: int = 8, super_res_size: int = 16,
-                         block_out=(32, 64), prior_heads: int = 2, prior_head_dim: int = 12):
-    """A diffusers UnCLIPPipeline of tiny shapes with random weights, saved to `path`."""
+@dataclasses.dataclass(frozen=True)
+class UnCLIPArch:
+    """The shapes of a diffusers UnCLIPPipeline: text encoder, prior, text_proj + decoder,
+    super-resolution UNets. Defaults are tiny (CPU tests); `KARLO` is kakaobrain/karlo-v1-alpha's."""
+
+    text_dim: int = 32
+    text_layers: int = 2
+    text_heads: int = 4
+    text_ffn: int = 37
+    context: int = 16
+    prior_heads: int = 2
+    prior_head_dim: int = 12
+    prior_layers: int = 2
+    decoder_size: int = 8
+    block_out: tuple[int, ...] = (32, 64)
+    decoder_layers: int = 1
+    decoder_head_dim: int = 8
+    cross_attention_dim: int | None = None  # None = text_dim
+    super_res_size: int = 16
+    super_res_block_out: tuple[int, ...] | None = None  # None = block_out
+    super_res_layers: int = 1
+    super_res_shift: str = "scale_shift"
+
+
+# kakaobrain/karlo-v1-alpha as diffusers converts it (ViT-L/14 text tower; prior 20 x 2048;
+# decoder ADM 320 x (1, 2, 3, 4), 3 res blocks, attention at 32/16/8, head 64, context 1536;
+# super-res 64 -> 256 without attention)
+KARLO = UnCLIPArch(
+    text_dim=768, text_layers=12, text_heads=12, text_ffn=3072, context=77, prior_heads=32,
+    prior_head_dim=64, prior_layers=20, decoder_size=64, block_out=(320, 640, 960, 1280),
+    decoder_layers=3, decoder_head_dim=64, cross_attention_dim=1536, super_res_size=256,
+    super_res_layers=3, super_res_shift="default")
+
+
+def unclip_pipeline(path: str | None, arch: UnCLIPArch = UnCLIPArch(), *, seed: int = 0,
+                    randomise_scale: float | None = 0.1, torch_dtype=None, device=None):
+    """A diffusers UnCLIPPipeline of `arch`'s shapes with random weights, saved to `path`
+    (when given; in `torch_dtype`, safetensors).
+
+    randomise_scale: overwrite every parameter with seeded noise of this scale (so that
+    zero-initialised layers do something, as parity tests need); None keeps diffusers' /
+    transformers' own initialisation (benchmarks). device: where the modules are built.
+    """
     import torch
     import transformers
     from diffusers import PriorTransformer, UnCLIPPipeline, UnCLIPScheduler, UNet2DConditionModel
     from diffusers import UNet2DModel
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
+    a = arch
+    cross = a.cross_attention_dim or a.text_dim
+    levels = len(a.block_out)
     torch.manual_seed(seed)
-    tok, vocab = tiny_clip_tokenizer(os.path.join(path, "_tok"), context)
-    text_encoder = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
-        vocab_size=vocab, hidden_size=text_dim, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=context, projection_dim=text_dim,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    prior = PriorTransformer(num_attention_heads=prior_heads, attention_head_dim=prior_head_dim,
-                             embedding_dim=text_dim, num_layers=2, num_embeddings=context)
-    text_proj = UnCLIPTextProjModel(clip_embeddings_dim=text_dim, time_embed_dim=block_out[0] * 4,
-                                    cross_attention_dim=text_dim, clip_extra_context_tokens=4)
-    decoder = UNet2DConditionModel(
-        sample_size=decoder_size, in_channels=3, out_channels=6, layers_per_block=1,
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=block_out,
-        cross_attention_dim=text_dim, attention_head_dim=8, resnet_time_scale_shift="scale_shift",
-        class_embed_type="identity")
-    sr_kw = dict(sample_size=super_res_size, layers_per_block=1, in_channels=6, out_channels=3,
-                 down_block_types=("ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D"),
-                 up_block_types=("ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"),
-                 block_out_channels=block_out, resnet_time_scale_shift="scale_shift",
-                 add_attention=False)
-    sr_first, sr_last = UNet2DModel(**sr_kw), UNet2DModel(**sr_kw)
-    for i, m in enumerate([text_encoder, prior, text_proj, decoder, sr_first, sr_last]):
-        randomise(m, seed * 10 + i, scale=0.1)
-    with torch.no_grad():  # Karlo-like embedding statistics
-        prior.clip_mean.copy_(0.1 * torch.randn(prior.clip_mean.shape))
-        prior.clip_std.copy_(0.5 + torch.rand(prior.clip_std.shape))
+    tok, vocab = tiny_clip_tokenizer(os.path.join(path or _tmpdir(), "_tok"), a.context)
+    with torch.device(device or "cpu"):
+        text_encoder = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+            vocab_size=vocab, hidden_size=a.text_dim, intermediate_size=a.text_ffn,
+            num_hidden_layers=a.text_layers, num_attention_heads=a.text_heads,
+            max_position_embeddings=a.context, projection_dim=a.text_dim, bos_token_id=0,
+            eos_token_id=1, pad_token_id=1)).eval()
+        prior = PriorTransformer(num_attention_heads=a.prior_heads,
+                                 attention_head_dim=a.prior_head_dim, num_layers=a.prior_layers,
+                                 embedding_dim=a.text_dim, num_embeddings=a.context)
+        text_proj = UnCLIPTextProjModel(clip_embeddings_dim=a.text_dim,
+                                        time_embed_dim=a.block_out[0] * 4,
+                                        cross_attention_dim=cross, clip_extra_context_tokens=4)
+        decoder = UNet2DConditionModel(
+            sample_size=a.decoder_size, in_channels=3, out_channels=6,
+            layers_per_block=a.decoder_layers,
+            down_block_types=("ResnetDownsampleBlock2D",)
+            + ("SimpleCrossAttnDownBlock2D",) * (levels - 1),
+            up_block_types=("SimpleCrossAttnUpBlock2D",) * (levels - 1)
+            + ("ResnetUpsampleBlock2D",),
+            mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=a.block_out,
+            cross_attention_dim=cross, attention_head_dim=a.decoder_head_dim,
+            resnet_time_scale_shift="scale_shift", class_embed_type="identity")
+        sr_out = a.super_res_block_out or a.block_out
+        sr_kw = dict(sample_size=a.super_res_size, layers_per_block=a.super_res_layers,
+                     in_channels=6, out_channels=3,
+                     down_block_types=("ResnetDownsampleBlock2D",) * len(sr_out),
+                     up_block_types=("ResnetUpsampleBlock2D",) * len(sr_out),
+                     block_out_channels=sr_out, resnet_time_scale_shift=a.super_res_shift,
+                     add_attention=False)
+        sr_first, sr_last = UNet2DModel(**sr_kw), UNet2DModel(**sr_kw)
+        modules = [text_encoder, prior, text_proj, decoder, sr_first, sr_last]
+        if randomise_scale is not None:
+            for i, m in enumerate(modules):
+                randomise(m, seed * 10 + i, scale=randomise_scale)
+        with torch.no_grad():  # Karlo-like embedding statistics
+            g = torch.Generator().manual_seed(seed)
+            prior.clip_mean.copy_(0.1 * torch.randn(prior.clip_mean.shape, generator=g))
+            prior.clip_std.copy_(0.5 + torch.rand(prior.clip_std.shape, generator=g))
     pipe = UnCLIPPipeline(
         prior=prior, decoder=decoder, text_proj=text_proj, text_encoder=text_encoder,
         tokenizer=tok, super_res_first=sr_first, super_res_last=sr_last,
@@ -82,8 +137,23 @@ def tiny_unclip_pipeline(path: str, *, seed: int = 0, text_dim: int = 32, contex
                                           prediction_type="epsilon"),
         super_res_scheduler=UnCLIPScheduler(variance_type="fixed_small_log",
                                             prediction_type="epsilon"))
-    pipe.save_pretrained(path)
+    if torch_dtype is not None:
+        pipe = pipe.to(torch_dtype)
+    if path is not None:
+        pipe.save_pretrained(path)
     return pipe
+
+
+def tiny_unclip_pipeline(path: str, *, seed: int = 0, **shapes):
+    """A diffusers UnCLIPPipeline of tiny shapes (UnCLIPArch fields) with random weights,
+    saved to `path`."""
+    return unclip_pipeline(path, UnCLIPArch(**shapes), seed=seed)
+
+
+def _tmpdir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="unclip_peer_")
 
 
 def nchw_to_nhwc(a) -> np.ndarray:

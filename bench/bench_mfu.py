@@ -1,0 +1,212 @@
+"""Training MFU of the diffusion networks at a config's size, on synthetic inputs: the jitted
+train step (bf16 compute, float32 params, AdamW, donated state) of the prior, the decoder or the
+upsampler with the CLIP embeddings given as inputs (as when training from precomputed
+embeddings), for a sweep of batch sizes and remat settings.
+
+    python bench/bench_mfu.py --stage prior --size karlo --batch 256,512,1024 --remat none,dots
+    python bench/bench_mfu.py --stage decoder --size karlo --batch 32,64 --remat none,full
+
+MFU = model FLOPs (3 x the forward pass, XLA's cost analysis; recomputation under remat is not
+counted) / step time / the device's peak dense bf16 FLOP/s (train/flops.py). A batch that does
+not fit is reported as OOM; the sweep goes on. Appends one JSON line per point to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build(stage: str, size: str, remat: str, scan: bool, attention: str | None):
+    """(model, params_init(rng, batch) fn, forward(params, batch, rng), loss(params, batch, rng),
+    make_batch(rng, n))."""
+    import jax
+    import jax.numpy as jnp
+
+    from unclip_jax.diffusion import DiffusionConfig, GaussianDiffusion
+    from unclip_jax.train.config import load_config
+
+    cfg = load_config(os.path.join(HERE, "configs", f"{stage}.py") + f":size={size}", [])
+    diffusion = GaussianDiffusion(DiffusionConfig.from_dict(cfg.diffusion.to_dict()))
+    rm = dict(remat=remat != "none", remat_policy=remat if remat != "none" else "full")
+    if stage == "prior":
+        from unclip_jax.models.prior import PriorConfig, PriorTransformer
+
+        pc = PriorConfig.from_dict(cfg.model.to_dict())
+        pc = dataclasses.replace(pc, scan_layers=scan, attention_impl=attention, **rm)
+        model = PriorTransformer(pc)
+        L, D = pc.num_text_tokens, pc.embedding_dim
+
+        def make_batch(rng, n):
+            k = jax.random.split(rng, 3)
+            return dict(x0=jax.random.normal(k[0], (n, pc.out_dim)),
+                        text=jax.random.normal(k[1], (n, pc.text_embed_dim)),
+                        hidden=jax.random.normal(k[2], (n, L, D)),
+                        mask=jnp.ones((n, L), bool))
+
+        def forward(params, b, t, x_t):
+            return model.apply({"params": params}, x_t, t, b["text"], b["hidden"], b["mask"],
+                               train=True, rngs={"dropout": jax.random.key(0)})
+
+        def init(rng, b):
+            return model.init(rng, b["x0"], jnp.zeros(b["x0"].shape[:1], jnp.int32), b["text"],
+                              b["hidden"], b["mask"])["params"]
+        loss_kw = {}
+    elif stage == "decoder":
+        from unclip_jax.models.decoder import Decoder, DecoderConfig
+
+        dc = DecoderConfig.from_dict(cfg.model.to_dict())
+        dc = dataclasses.replace(dc, unet=dataclasses.replace(dc.unet, attention_impl=attention,
+                                                              **rm))
+        model = Decoder(dc)
+        s, E, L = dc.unet.sample_size, dc.clip_embed_dim, 77
+        H = dc.text_hidden_dim or E
+
+        def make_batch(rng, n):
+            k = jax.random.split(rng, 4)
+            return dict(x0=jax.random.uniform(k[0], (n, s, s, 3), minval=-1, maxval=1),
+                        image=jax.random.normal(k[1], (n, E)),
+                        text=jax.random.normal(k[2], (n, E)),
+                        hidden=jax.random.normal(k[3], (n, L, H)), mask=jnp.ones((n, L), bool))
+
+        def forward(params, b, t, x_t):
+            return model.apply({"params": params}, x_t, t, b["image"], b["text"], b["hidden"],
+                               b["mask"], train=True, rngs={"dropout": jax.random.key(0)})
+
+        def init(rng, b):
+            return model.init(rng, b["x0"], jnp.zeros(b["x0"].shape[:1], jnp.int32), b["image"],
+                              b["text"], b["hidden"], b["mask"])["params"]
+        loss_kw = dict(loss_type=cfg.loss.type, vlb_weight=float(cfg.loss.vlb_weight))
+    elif stage == "upsampler":
+        from unclip_jax.models.unet import UNet, UNetConfig
+
+        uc = UNetConfig.from_dict(cfg.model.to_dict())
+        uc = dataclasses.replace(uc, attention_impl=attention, **rm)
+        model = UNet(uc)
+        crop = int(cfg.upsample.crop_size)
+
+        def make_batch(rng, n):
+            k = jax.random.split(rng, 2)
+            return dict(x0=jax.random.uniform(k[0], (n, crop, crop, 3), minval=-1, maxval=1),
+                        low=jax.random.uniform(k[1], (n, crop, crop, 3), minval=-1, maxval=1))
+
+        def forward(params, b, t, x_t):
+            return model.apply({"params": params}, jnp.concatenate([x_t, b["low"]], -1), t,
+                               train=True, rngs={"dropout": jax.random.key(0)})
+
+        def init(rng, b):
+            x = jnp.concatenate([b["x0"], b["low"]], -1)
+            return model.init(rng, x, jnp.zeros(x.shape[:1], jnp.int32))["params"]
+        loss_kw = dict(loss_type=cfg.loss.type)
+    else:
+        raise ValueError(stage)
+
+    def loss(params, b, rng):
+        k_t, k_n = jax.random.split(rng)
+        x0 = b["x0"]
+        t = jax.random.randint(k_t, x0.shape[:1], 0, diffusion.num_steps)
+        noise = jax.random.normal(k_n, x0.shape)
+        out = forward(params, b, t, diffusion.q_sample(x0, t, noise))
+        value, _ = diffusion.loss(out, x0, noise, t, **loss_kw)
+        return jnp.mean(value)
+
+    def fwd_only(params, b, rng):
+        t = jnp.zeros(b["x0"].shape[:1], jnp.int32)
+        return forward(params, b, t, b["x0"])
+
+    return cfg, init, loss, fwd_only, make_batch
+
+
+def run_point(stage, size, batch, remat, scan, attention, steps):
+    import jax
+    import optax
+
+    from unclip_jax.train import flops as flops_lib
+
+    cfg, init, loss, fwd_only, make_batch = build(stage, size, remat, scan, attention)
+    rng = jax.random.key(0)
+    b = make_batch(rng, batch)
+    params = jax.jit(init)(rng, make_batch(rng, 1))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    tx = optax.adamw(1e-4, weight_decay=0.01)
+    opt = tx.init(params)
+
+    def step(params, opt, b, i):
+        l, g = jax.value_and_grad(loss)(params, b, jax.random.fold_in(rng, i))
+        u, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, u), opt, l
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt, b, 0).compile()
+    compile_s = time.perf_counter() - t0
+    f_fwd = flops_lib.compiled_flops(jax.jit(fwd_only).lower(params, b, rng).compile())
+    mem = flops_lib.memory_summary(compiled)
+    params, opt, l = compiled(params, opt, b, 0)  # warm-up
+    jax.block_until_ready(l)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        params, opt, l = compiled(params, opt, b, i + 1)
+    jax.block_until_ready(l)
+    dt = (time.perf_counter() - t0) / steps
+    peak = flops_lib.peak_flops()
+    model_flops = 3 * f_fwd if f_fwd else None
+    return dict(stage=stage, size=size, batch=batch, remat=remat, scan=scan,
+                attention=attention or "default", n_params=n_params, step_s=dt,
+                examples_per_s=batch / dt, compile_s=compile_s, loss=float(l),
+                model_tflops_per_step=model_flops / 1e12 if model_flops else None,
+                tflops_per_s=model_flops / dt / 1e12 if model_flops else None,
+                mfu=model_flops / dt / peak if model_flops and peak else None,
+                temp_gib=mem.get("temp_mib", 0) / 1024, args_gib=mem.get("argument_mib", 0) / 1024,
+                device=jax.devices()[0].device_kind)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", choices=("prior", "decoder", "upsampler"), required=True)
+    ap.add_argument("--size", default="karlo")
+    ap.add_argument("--batch", default="64", help="comma-separated batch sizes")
+    ap.add_argument("--remat", default="none", help="comma-separated: none, full, dots, ...")
+    ap.add_argument("--scan", default="false", help="comma-separated true/false (prior only)")
+    ap.add_argument("--attention", default=None, choices=("xla", "cudnn"))
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    rows = []
+    for scan in [s.strip().lower() == "true" for s in args.scan.split(",")]:
+        for remat in args.remat.split(","):
+            for batch in [int(x) for x in args.batch.split(",")]:
+                try:
+                    r = run_point(args.stage, args.size, batch, remat, scan, args.attention,
+                                  args.steps)
+                except Exception as e:  # noqa: BLE001 -- an OOM ends this point, not the sweep
+                    msg = str(e).splitlines()[0][:160]
+                    oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+                    r = dict(stage=args.stage, size=args.size, batch=batch, remat=remat,
+                             scan=scan, error="OOM" if oom else msg)
+                rows.append(r)
+                _print_row(r)
+                if args.out:
+                    with open(args.out, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(r) + "\n")
+    return rows
+
+
+def _print_row(r):
+    head = f"{r['stage']:9s} {r['size']:6s} batch {r['batch']:5d} remat {r['remat']:5s} scan {str(r['scan'])[0]}"
+    if "error" in r:
+        print(f"{head}  {r['error']}", flush=True)
+        return
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
+    tf = f"{r['tflops_per_s']:.1f}" if r.get("tflops_per_s") else "n/a"
+    print(f"{head}  {r['step_s'] * 1e3:8.1f} ms/step  {r['examples_per_s']:8.1f} ex/s  "
+          f"{tf} TFLOP/s  MFU {mfu}  temp {r['temp_gib']:.1f} GiB  compile {r['compile_s']:.0f} s  "
+          f"({r['n_params'] / 1e6:.0f} M params)", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
