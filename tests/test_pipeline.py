@@ -177,27 +177,31 @@ def test_bfloat16_pipeline_tracks_float32(peer_dir, ours):
     assert all(x.dtype == jnp.bfloat16 for x in leaves)
     assert bf.prior.params["clip_std"].dtype == jnp.float32  # statistics, not weights
     assert bf.decoder.config.unet.dtype == "bfloat16" and bf.text_config.dtype == "bfloat16"
-    # one decoder call: bf16 rounding, no more
+    # one call of each network: bf16 rounding (2^-8 per op, ~1e-2 through the layers), no more
     cond, uncond = ours.text_conditioning(["red circle", "a blue square"])
-    emb = jax.random.normal(jax.random.key(0), (2, cond["text_embed"].shape[1]))
-    dc, _ = ours._decoder_inputs(emb, cond, uncond)
-    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    cond_bf, _ = bf.text_conditioning(["red circle", "a blue square"])
+    assert 1e-4 < _rel(cond_bf["text_hidden"], cond["text_hidden"]) < 5e-2
+    ks = jax.random.split(jax.random.key(0), 4)
     t = jnp.array([999, 400])
-    rel = _rel(bf._decoder_fn(bf.decoder.params, x, t, dc),
-               ours._decoder_fn(ours.decoder.params, x, t, dc))
-    assert 1e-4 < rel < 5e-2, rel  # bf16 really was used, and stayed close
-    # the whole pipeline at mild guidance (guidance multiplies the cond - uncond difference and
-    # its rounding error; these random networks are far from smooth)
-    kw = dict(seed=5, prior_steps=4, decoder_steps=4, super_res_steps=2, prior_candidates=1,
-              prior_guidance=1.5, decoder_guidance=1.5)
+    emb = jax.random.normal(ks[0], (2, cond["text_embed"].shape[1]))
+    z = jax.random.normal(ks[1], (2, emb.shape[1]))
+    assert 1e-4 < _rel(bf._prior_fn(bf.prior.params, z, t, cond),
+                       ours._prior_fn(ours.prior.params, z, t, cond)) < 5e-2
+    dc, _ = ours._decoder_inputs(emb, cond, uncond)
+    x = jax.random.normal(ks[2], (2, 8, 8, 3))
+    assert 1e-4 < _rel(bf._decoder_fn(bf.decoder.params, x, t, dc),
+                       ours._decoder_fn(ours.decoder.params, x, t, dc)) < 5e-2
+    xs = jax.random.normal(ks[3], (2, 16, 16, 6))
+    sr = lambda p: p._sr_first_model.apply({"params": p.super_res_first.params}, xs, t)  # noqa
+    assert 1e-4 < _rel(sr(bf), sr(ours)) < 5e-2
+    # the whole pipeline: finite, and the prior's output close. (Guided sampling compounds the
+    # rounding through these random, far-from-smooth networks: the decoder's images drift 15-70%
+    # in 4 steps, so they are not compared.)
+    kw = dict(seed=5, prior_steps=4, decoder_steps=4, super_res_steps=2, prior_candidates=1)
     ref = ours.generate_float(["red circle", "a blue square"], **kw)
     out = bf.generate_float(["red circle", "a blue square"], **kw)
-    # (bound per stage: each stage's chaos amplifies what the stage before it handed on; a
-    # broken cast gives ~1)
-    for key, bound in (("image_embeds", 0.05), ("low_res", 0.1), ("images", 0.25)):
-        assert np.isfinite(np.asarray(out[key])).all()
-        rel = _rel(out[key], ref[key])
-        assert 1e-5 < rel < bound, (key, rel)
+    assert all(np.isfinite(np.asarray(out[k])).all() for k in ("image_embeds", "low_res", "images"))
+    assert _rel(out["image_embeds"], ref["image_embeds"]) < 5e-2
     with pytest.raises(ValueError, match="dtype"):
         UnCLIPPipeline.from_diffusers(peer_dir, dtype="int8")
 

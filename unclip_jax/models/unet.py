@@ -204,13 +204,9 @@ def _dense(features, name, cfg: UNetConfig, axes=("embed", "mlp"), kernel_init=N
 
 
 def _group_norm(groups, eps, name, cfg: UNetConfig):
-    """GroupNorm computed in float32 (two-pass variance, as torch)."""
-    return nn.GroupNorm(
-        num_groups=groups, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.dtype(cfg.param_dtype),
-        use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-        name=name)
+    """GroupNorm computed in float32 (two-pass statistics; see layers.GroupNorm)."""
+    return layers.GroupNorm(num_groups=groups, epsilon=eps,
+                            param_dtype=jnp.dtype(cfg.param_dtype), name=name)
 
 
 def _upsample_nearest(x):
