@@ -98,7 +98,7 @@ class UnCLIPPipeline:
     def __init__(self, tokenizer, text_encoder: tuple[Any, Any], prior: Stage, decoder: Stage,
                  super_res_first: Stage | None, super_res_last: Stage | None = None, *,
                  prior_candidates: int = 2, progress: bool = True, dtype: str | None = None,
-                 attention_impl: str | None = None):
+                 attention_impl: str | None = None, data_parallel: bool = False):
         if dtype is not None and dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
         if attention_impl not in (None, "xla", "cudnn"):
@@ -114,6 +114,11 @@ class UnCLIPPipeline:
         prior, decoder = cast(prior), cast(decoder)
         super_res_first, super_res_last = cast(super_res_first), cast(super_res_last)
         self.dtype = dtype or "float32"
+        # data-parallel sampling: the batch split over this process's devices, params replicated
+        self._mesh = None
+        if data_parallel and jax.local_device_count() > 1:
+            self._mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("batch",))
+        self._replicated: dict[str, Any] = {}
         self.tokenizer = tokenizer
         self.text_config, self.text_params = text_encoder
         self.prior, self.decoder = prior, decoder
@@ -226,6 +231,25 @@ class UnCLIPPipeline:
             self._samplers[key] = Sampler(fn, st.sampling.diffusion, scfg,
                                           progress=stage if self.progress else False)
         return self._samplers[key]
+
+    def _run(self, name: str, sampler: Sampler, params, x, cond, uncond=None, **kw):
+        """Call a stage's sampler; with data_parallel (and a batch that splits evenly) the
+        latents and the conditioning are sharded over the local devices along the batch and the
+        params replicated, so the one jitted loop runs data-parallel."""
+        mesh = self._mesh
+        if mesh is None or x.shape[0] % mesh.size:
+            return sampler(params, x, cond, uncond, **kw)
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        if name not in self._replicated:
+            self._replicated[name] = jax.device_put(params, NamedSharding(mesh, P()))
+        rows = NamedSharding(mesh, P("batch"))
+        put = lambda t: None if t is None else jax.device_put(t, rows)  # noqa: E731
+        if kw.get("noise") is not None:
+            kw["noise"] = jax.device_put(kw["noise"], NamedSharding(mesh, P(None, "batch")))
+        if kw.get("rng") is not None:
+            kw["rng"] = jax.device_put(kw["rng"], NamedSharding(mesh, P()))
+        return sampler(self._replicated[name], put(x), put(cond), put(uncond), **kw)
 
     def _super_res_fn(self, last_t: int):
         first, last = self._sr_first_model, self._sr_last_model
@@ -344,8 +368,9 @@ class UnCLIPPipeline:
         elif k != 1:
             raise ValueError("explicit prior latents need prior_candidates=1")
         rep = lambda t: {key: jnp.repeat(v, k, axis=0) for key, v in t.items()}  # noqa: E731
-        z = sampler(self.prior.params, x, rep(cond), None if uncond is None else rep(uncond),
-                    rng=jax.random.fold_in(rng, 1), guidance_scale=guidance, noise=noise)
+        z = self._run("prior", sampler, self.prior.params, x, rep(cond),
+                      None if uncond is None else rep(uncond),
+                      rng=jax.random.fold_in(rng, 1), guidance_scale=guidance, noise=noise)
         z = denormalize_embedding(z, pcfg, self.prior.params)
         return _pick_closest(z.reshape(n, k, -1), cond["text_embed"]) if k > 1 else z
 
@@ -370,8 +395,8 @@ class UnCLIPPipeline:
             x = jax.random.normal(jax.random.fold_in(rng, 0),
                                   (n, dcfg.sample_size, dcfg.sample_size, 3))
         dc, du = self._decoder_inputs(image_embeds, cond, uncond)
-        x = sampler(self.decoder.params, x, dc, du, rng=jax.random.fold_in(rng, 1),
-                    guidance_scale=guidance, noise=noise)
+        x = self._run("decoder", sampler, self.decoder.params, x, dc, du,
+                      rng=jax.random.fold_in(rng, 1), guidance_scale=guidance, noise=noise)
         return jnp.clip(x, -1.0, 1.0)
 
     def invert_decoder(self, images, image_embeds, cond, *, steps: int = 25):
@@ -395,7 +420,8 @@ class UnCLIPPipeline:
         if self.super_res_last is not None:
             params["last"] = self.super_res_last.params
         up = upsample_input(low_res, size, "bicubic")
-        x = sampler(params, x, {"low_res": up}, rng=jax.random.fold_in(rng, 1), noise=noise)
+        x = self._run("super_res", sampler, params, x, {"low_res": up},
+                      rng=jax.random.fold_in(rng, 1), noise=noise)
         return jnp.clip(x * 0.5 + 0.5, 0.0, 1.0)
 
 
