@@ -222,7 +222,8 @@ def test_data_parallel_sampling_equals_one_device(peer_dir, ours):
 
     assert jax.local_device_count() == 8  # conftest
     dp = UnCLIPPipeline.from_diffusers(peer_dir, progress=False, data_parallel=True)
-    kw = dict(seed=2, prior_steps=3, decoder_steps=3, super_res_steps=2, prior_candidates=1)
+    kw = dict(seed=2, prior_steps=3, decoder_steps=3, super_res_steps=2, prior_candidates=1,
+              prior_guidance=4.0, decoder_guidance=4.0)
     prompts = ["red circle", "a blue square", "green", "a big thing"] * 2
     ref = ours.generate_float(prompts, **kw)
     out = dp.generate_float(prompts, **kw)
