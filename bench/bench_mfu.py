@@ -6,8 +6,9 @@ embeddings), for a sweep of batch sizes and remat settings.
     python bench/bench_mfu.py --stage prior --size karlo --batch 256,512,1024 --remat none,dots
     python bench/bench_mfu.py --stage decoder --size karlo --batch 32,64 --remat none,full
 
-MFU = model FLOPs (3 x the forward pass, XLA's cost analysis; recomputation under remat is not
-counted) / step time / the device's peak dense bf16 FLOP/s (train/flops.py). A batch that does
+MFU = model FLOPs (3 x the forward pass's matrix products and convolutions, counted on its jaxpr
+by flops.jaxpr_flops — XLA's cost analysis counts a scanned layer once; recomputation under remat
+is not counted) / step time / the device's peak dense bf16 FLOP/s (train/flops.py). A batch that does
 not fit is reported as OOM; the sweep goes on. Appends one JSON line per point to --out.
 """
 from __future__ import annotations
@@ -122,7 +123,7 @@ def build(stage: str, size: str, remat: str, scan: bool, attention: str | None):
     return cfg, init, loss, fwd_only, make_batch
 
 
-def run_point(stage, size, batch, remat, scan, attention, steps):
+def run_point(stage, size, batch, remat, scan, attention, steps, compile_only=False):
     import jax
     import optax
 
@@ -144,8 +145,16 @@ def run_point(stage, size, batch, remat, scan, attention, steps):
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt, b, 0).compile()
     compile_s = time.perf_counter() - t0
-    f_fwd = flops_lib.compiled_flops(jax.jit(fwd_only).lower(params, b, rng).compile())
+    f_fwd = flops_lib.jaxpr_flops(fwd_only, params, b, rng)  # loops counted (scan_layers)
     mem = flops_lib.memory_summary(compiled)
+    if compile_only:  # what the compiler says: compile time, per-step FLOPs and memory
+        model_flops = 3 * f_fwd if f_fwd else None
+        return dict(stage=stage, size=size, batch=batch, remat=remat, scan=scan,
+                    attention=attention or "default", n_params=n_params, compile_s=compile_s,
+                    model_tflops_per_step=model_flops / 1e12 if model_flops else None,
+                    temp_gib=mem.get("temp_mib", 0) / 1024,
+                    args_gib=mem.get("argument_mib", 0) / 1024,
+                    device=jax.devices()[0].device_kind)
     params, opt, l = compiled(params, opt, b, 0)  # warm-up
     jax.block_until_ready(l)
     t0 = time.perf_counter()
@@ -174,6 +183,8 @@ def main(argv=None):
     ap.add_argument("--scan", default="false", help="comma-separated true/false (prior only)")
     ap.add_argument("--attention", default=None, choices=("xla", "cudnn"))
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--compile-only", action="store_true",
+                    help="compile each point and report compile time and memory, run nothing")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     rows = []
@@ -182,7 +193,7 @@ def main(argv=None):
             for batch in [int(x) for x in args.batch.split(",")]:
                 try:
                     r = run_point(args.stage, args.size, batch, remat, scan, args.attention,
-                                  args.steps)
+                                  args.steps, args.compile_only)
                 except Exception as e:  # noqa: BLE001 -- an OOM ends this point, not the sweep
                     msg = str(e).splitlines()[0][:160]
                     oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
@@ -200,6 +211,11 @@ def _print_row(r):
     head = f"{r['stage']:9s} {r['size']:6s} batch {r['batch']:5d} remat {r['remat']:5s} scan {str(r['scan'])[0]}"
     if "error" in r:
         print(f"{head}  {r['error']}", flush=True)
+        return
+    if "step_s" not in r:
+        print(f"{head}  compile {r['compile_s']:.1f} s  temp {r['temp_gib']:.2f} GiB  args "
+              f"{r['args_gib']:.2f} GiB  {r['model_tflops_per_step'] or 0:.2f} TFLOP/step  "
+              f"({r['n_params'] / 1e6:.0f} M params)", flush=True)
         return
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
     tf = f"{r['tflops_per_s']:.1f}" if r.get("tflops_per_s") else "n/a"

@@ -20,6 +20,50 @@ def peak_flops(device=None) -> float | None:
     return None
 
 
+def jaxpr_flops(fn, *args, **kwargs) -> float:
+    """Model FLOPs of `fn(*args)`: 2 x multiply-adds of every matrix product and convolution in
+    its jaxpr, loops included — a `scan` body counts `length` times (XLA's cost analysis counts
+    a loop body once, so scanned layers and gradient accumulation vanish from it), a `cond` its
+    costliest branch. Elementwise work is not counted (the MFU convention). Abstract: nothing
+    runs, `args` may be ShapeDtypeStructs."""
+    closed = jax.make_jaxpr(fn)(*args, **kwargs)
+    return float(_count(closed.jaxpr))
+
+
+def _count(jaxpr) -> float:
+    import numpy as np
+
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
+            a, b = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+            contract = np.prod([a[i] for i in lc]) if lc else 1
+            out = np.prod(eqn.outvars[0].aval.shape)
+            total += 2.0 * float(out) * float(contract)
+        elif name == "conv_general_dilated":
+            lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+            dn = eqn.params["dimension_numbers"]
+            k_in = rhs[dn.rhs_spec[1]]  # input features per group
+            window = np.prod([rhs[i] for i in dn.rhs_spec[2:]])
+            out = np.prod(eqn.outvars[0].aval.shape)
+            total += 2.0 * float(out) * float(k_in) * float(window)
+        elif name == "scan":
+            total += eqn.params["length"] * _count(eqn.params["jaxpr"].jaxpr)
+        elif name == "cond":
+            total += max(_count(b.jaxpr) for b in eqn.params["branches"])
+        else:  # pjit, remat, custom_jvp / custom_vjp, while (body once: trip count unknown)
+            for v in eqn.params.values():
+                for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                    inner = getattr(sub, "jaxpr", None)
+                    if inner is not None and hasattr(inner, "eqns"):
+                        total += _count(inner)
+                    elif hasattr(sub, "eqns"):
+                        total += _count(sub)
+    return total
+
+
 def compiled_flops(compiled) -> float | None:
     """FLOPs of one execution of a compiled program on one device (XLA's cost analysis of the
     SPMD-partitioned per-device program), or None when the backend does not report it."""

@@ -130,6 +130,26 @@ def make_train_step(stage, tx, schedule, config, mesh, rules):
     return step_fn
 
 
+def _model_flops_per_device(stage, config, params_abs, batch_abs, frozen) -> float | None:
+    """Model FLOPs of one step on one device, for TFLOP/s and MFU: the stage's own count, else
+    3 x the loss's forward matrix products / convolutions counted on its jaxpr (every scanned
+    layer and accumulation step included; remat recomputation not). Frozen encoders inside the
+    loss (CLIP in the prior / decoder steps) count as trained: an overestimate by twice their
+    forward pass, small next to the trained network (see docs/PERFORMANCE.md)."""
+    per_example = stage.flops_per_example()
+    if per_example:
+        return per_example * int(config.batch_size) / jax.device_count()
+    accum = int(config.get("grad_accum", 1))
+    micro = jax.tree.map(lambda a: jax.ShapeDtypeStruct((a.shape[0] // accum,) + a.shape[1:],
+                                                        a.dtype), batch_abs)
+    try:
+        fwd = flops_lib.jaxpr_flops(lambda p, b, f: stage.loss(p, b, jax.random.key(0), f)[0],
+                                    params_abs, micro, frozen)
+    except Exception:  # noqa: BLE001 -- a count is a nicety; training goes on without it
+        return None
+    return 3.0 * fwd * accum / jax.device_count() if fwd else None
+
+
 def train(config, workdir: str, *, stop_at_step: int | None = None, progress: bool = True,
           devices=None) -> TrainResult:
     """Train `config.stage` into WORKDIR/<stage>/ (resuming from its newest checkpoint).
@@ -211,9 +231,7 @@ def train(config, workdir: str, *, stop_at_step: int | None = None, progress: bo
     with jax.set_mesh(mesh):
         compiled = jitted.lower(abstract_state, batch_abs, frozen).compile()
     compile_s = time.time() - t0
-    step_flops = stage.flops_per_example()
-    step_flops = (step_flops * int(config.batch_size) / jax.device_count() if step_flops
-                  else flops_lib.compiled_flops(compiled))
+    step_flops = _model_flops_per_device(stage, config, params_abs, batch_abs, frozen)
     peak = flops_lib.peak_flops()
     mem = flops_lib.memory_summary(compiled)
     if pi == 0:
