@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 CORE = [
     "jax>=0.10",
     "flax>=0.12",
-    "optax",
+    "optax>=0.2.5",
     "orbax-checkpoint",
     "ml_collections",
     "transformers>=5",  # tokenizers only: transformers 5 ships no Flax models

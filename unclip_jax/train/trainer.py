@@ -123,8 +123,8 @@ def make_train_step(stage, tx, schedule, config, mesh, rules):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = ema_update(state.ema_params, params, state.step, ema_decay)
-        metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads),
-                       param_norm=optax.global_norm(params), lr=schedule(state.step))
+        metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
+                       param_norm=optax.tree.norm(params), lr=schedule(state.step))
         return TrainState(state.step + 1, params, opt_state, ema), metrics
 
     return step_fn
