@@ -237,6 +237,14 @@ def test_check_detects_mismatches():
     assert not r["color"] and not r["binding"] and not r["all"] and r["shape"] and r["count"]
     r = A.check(img, S.Scene((S.ShapeObject("circle", "blue", "large", "left"), b)))
     assert not r["shape"] and not r["all"] and r["color"]
+    # A misread shape still has its placement and size scored (matched by colour) ...
+    assert r["position"] and r["size"] and not r["binding"]
+    r = A.check(img, S.Scene((S.ShapeObject("circle", "blue", "large", "center"), b)),
+                position="cell")
+    assert not r["position"]
+    # ... but not an absent colour.
+    r = A.check(img, S.Scene((S.ShapeObject("square", "red", "large", "left"),)))
+    assert not r["position"] and not r["size"]
     r = A.check(img, S.Scene((S.ShapeObject("square", "blue", "small", "left"), b)))
     assert not r["size"] and not r["all"] and r["binding"] and r["position"]
     # Swapped colours: every colour and shape is present, but bound wrongly.

@@ -276,6 +276,9 @@ def check(image, scene_or_objects, position: str = "auto", detected: Sequence[di
                 ("A left of B") holds between the matched objects' cells; ``'auto'`` uses
                 'relation' for two objects and 'cell' otherwise, matching :func:`canonical_caption`;
       all       count, binding, size and position.
+    For size and position an object is matched by its colour and shape, or, where no detected
+    object has both, by its colour alone (the largest such object), so that placement is scored
+    apart from shape recognition; ``all`` still needs the colour-shape binding.
     ``detected`` may pass a precomputed :func:`analyse` result.
     """
     exp = _expected_objects(scene_or_objects)
@@ -294,12 +297,15 @@ def check(image, scene_or_objects, position: str = "auto", detected: Sequence[di
         "color": bool(exp) and sub_multiset([o.color for o in exp], [d["color"] for d in det]),
         "shape": bool(exp) and sub_multiset([o.shape for o in exp], [d["shape"] for d in det]),
     }
-    matched = []
-    for o in exp:
-        cands = [d for d in det if d["color"] == o.color and d["shape"] == o.shape]
-        matched.append(max(cands, key=lambda d: d["area"]) if cands else None)
+    def largest(cands):
+        return max(cands, key=lambda d: d["area"]) if cands else None
+
+    bound = [largest([d for d in det if d["color"] == o.color and d["shape"] == o.shape])
+             for o in exp]
+    res["binding"] = bool(exp) and all(m is not None for m in bound)
+    matched = [m if m is not None else largest([d for d in det if d["color"] == o.color])
+               for o, m in zip(exp, bound)]
     ok = bool(exp) and all(m is not None for m in matched)
-    res["binding"] = ok
     res["size"] = ok and all(m["size"] == o.size for o, m in zip(exp, matched))
     if not ok:
         res["position"] = False
