@@ -32,6 +32,7 @@ def get_config(arg=None):
                   attention_levels=s["attn"], attention_head_dim=s["head"],
                   norm_groups=s["groups"], dropout=0.0, resnet_time_scale_shift="scale_shift",
                   resblock_updown=True, context_dim=s["context"], time_cond=True,
+                  coord_input=False,
                   dtype="float32", param_dtype="float32"),
         clip_embed_dim=s["clip"], clip_extra_context_tokens=4))
     # The demo predicts v: a small, briefly trained UNet's eps error (~0.04 MSE whatever t) is

@@ -349,3 +349,27 @@ def test_config_roundtrip_and_features():
     assert c.shape == a.shape
     with pytest.raises(ValueError, match="divisible"):
         model.apply(variables, jnp.zeros((1, 7, 7, 6)), t[:1], noise_level=t[:1])
+
+
+def test_coord_input():
+    """coord_input appends (y, x) pixel-centre coordinates in [-1, 1] to conv_in's input: with
+    those two kernel rows zeroed the net equals the plain net on the same other weights."""
+    g = unet_lib.coordinate_channels(2, 4, 8)
+    assert g.shape == (2, 4, 8, 2)
+    np.testing.assert_allclose(g[0, :, 0, 0], [-0.75, -0.25, 0.25, 0.75])
+    np.testing.assert_allclose(g[1, 0, :, 1], (np.arange(8) + 0.5) / 4 - 1)
+    base = dict(in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                attention_head_dim=8, norm_groups=8)
+    plain, coord = unet_lib.UNetConfig(**base), unet_lib.UNetConfig(**base, coord_input=True)
+    x, t, _ = unet_lib.init_inputs(plain, batch=2, size=8)
+    x = jax.random.normal(jax.random.key(3), x.shape)
+    v = nn.unbox(unet_lib.UNet(coord).init(jax.random.key(0), x, t))
+    k = v["params"]["conv_in"]["kernel"]
+    assert k.shape[2] == 5
+    zeroed = jax.tree.map(lambda a: a, v)
+    zeroed["params"]["conv_in"]["kernel"] = k.at[:, :, 3:].set(0.0)
+    v_plain = jax.tree.map(lambda a: a, zeroed)
+    v_plain["params"]["conv_in"]["kernel"] = k[:, :, :3]
+    want = unet_lib.UNet(plain).apply(v_plain, x, t)
+    np.testing.assert_allclose(unet_lib.UNet(coord).apply(zeroed, x, t), want, atol=1e-5)
+    assert not np.allclose(unet_lib.UNet(coord).apply(v, x, t), want, atol=1e-3)
