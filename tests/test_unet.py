@@ -366,10 +366,12 @@ def test_coord_input():
     v = nn.unbox(unet_lib.UNet(coord).init(jax.random.key(0), x, t))
     k = v["params"]["conv_in"]["kernel"]
     assert k.shape[2] == 5
-    zeroed = jax.tree.map(lambda a: a, v)
-    zeroed["params"]["conv_in"]["kernel"] = k.at[:, :, 3:].set(0.0)
-    v_plain = jax.tree.map(lambda a: a, zeroed)
-    v_plain["params"]["conv_in"]["kernel"] = k[:, :, :3]
+
+    def with_conv_in(kernel):
+        conv_in = {**v["params"]["conv_in"], "kernel": kernel}
+        return {"params": {**v["params"], "conv_in": conv_in}}
+
+    zeroed, v_plain = with_conv_in(k.at[:, :, 3:].set(0.0)), with_conv_in(k[:, :, :3])
     want = unet_lib.UNet(plain).apply(v_plain, x, t)
     np.testing.assert_allclose(unet_lib.UNet(coord).apply(zeroed, x, t), want, atol=1e-5)
     assert not np.allclose(unet_lib.UNet(coord).apply(v, x, t), want, atol=1e-3)
