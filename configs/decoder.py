@@ -42,7 +42,8 @@ def get_config(arg=None):
         schedule="cosine", num_train_steps=1000, prediction="v" if size == "demo" else "eps",
         variance="learned_range", beta_start=1e-4, beta_end=0.02))
     c.loss = ml_collections.ConfigDict({"type": "hybrid", "vlb_weight": 1e-3, "p2_gamma": 0.0,
-                                        "min_snr_gamma": 5.0 if size == "demo" else 0.0})
+                                        "min_snr_gamma": 5.0 if size == "demo" else 0.0,
+                                        "snr_floor": 0.0})
     c.cond_drop = ml_collections.ConfigDict({"image": 0.1, "text": 0.5})
     c.clip_dir = ""
     c.tokenizer = ""

@@ -31,7 +31,8 @@ def get_config(arg=None):
         schedule="cosine", num_train_steps=1000, prediction="v" if size == "demo" else "eps",
         variance="fixed_small_log", beta_start=1e-4, beta_end=0.02))
     c.loss = ml_collections.ConfigDict({"type": "mse", "vlb_weight": 1e-3,
-                                        "min_snr_gamma": 5.0 if size == "demo" else 0.0})
+                                        "min_snr_gamma": 5.0 if size == "demo" else 0.0,
+                                        "snr_floor": 0.0})
     c.upsample = ml_collections.ConfigDict(dict(
         low_res_size=s["low"], crop_size=s["crop"], degradation=s["deg"],
         blur_sigma=(0.4, 0.6), noise_aug_max=0, sample_noise_level=0))

@@ -108,6 +108,31 @@ def test_min_snr_weighting(prediction, factor):
     assert snr[2] < 5.0 and want[2] == pytest.approx(0.25) if prediction == "eps" else True
 
 
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("gamma,floor", [(0.0, 1.0), (5.0, 1.0), (5.0, 0.0)])
+def test_snr_weights_are_x0_space_weights(prediction, gamma, floor):
+    """Weighted loss = clip(SNR, floor, gamma) x the squared error of the x0 the output implies
+    (computed here through predict_x0_eps, not through the loss's own conversion table)."""
+    d = GaussianDiffusion(DiffusionConfig(prediction=prediction))
+    ts = [2, 300, 700, 990]
+    t = jnp.array(ts)
+    rng = np.random.default_rng(0)
+    x0 = jnp.asarray(rng.uniform(-1, 1, (4, 6)), jnp.float32)
+    noise = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+    out = d.targets(x0, noise, t) + jnp.asarray(rng.normal(size=(4, 6)) * 0.3, jnp.float32)
+    a = np.asarray(d.alphas_cumprod, np.float64)[ts]
+    x_t = d.q_sample(x0, t, noise)
+    x0_hat, _ = predict_x0_eps(prediction, np.asarray(out, np.float64), np.asarray(x_t, np.float64),
+                               np.sqrt(a)[:, None], np.sqrt(1 - a)[:, None])
+    x0_mse = np.mean((x0_hat - np.asarray(x0, np.float64)) ** 2, axis=1)
+    snr = a / (1 - a)
+    w = np.clip(snr, floor, gamma if gamma else np.inf)
+    loss, _ = d.loss(out, x0, noise, t, min_snr_gamma=gamma, snr_floor=floor)
+    np.testing.assert_allclose(np.asarray(loss), w * x0_mse, rtol=2e-3)
+    if floor:  # the highest-noise step keeps weight `floor` (its SNR is far below it)
+        assert snr[-1] < 1e-2 and w[-1] == floor
+
+
 def test_normal_kl_closed_form():
     m1, lv1, m2, lv2 = 0.3, math.log(0.5), -0.2, math.log(2.0)
     want = math.log(math.sqrt(2.0) / math.sqrt(0.5)) + (0.5 + 0.25) / (2 * 2.0) - 0.5

@@ -238,13 +238,16 @@ class GaussianDiffusion:
 
     def loss(self, out, x0, noise, t, *, loss_type: str = "mse", vlb_weight: float = 1e-3,
              p2_gamma: float = 0.0, p2_k: float = 1.0, min_snr_gamma: float = 0.0,
-             discrete: bool = True):
+             snr_floor: float = 0.0, discrete: bool = True):
         """Per-example training loss for model output `out` at (x_t = q_sample(x0, t, noise), t).
 
         mse:    mean squared error on the target of config.prediction, optionally weighted by
                 p2 weighting 1 / (k + SNR_t)^gamma (Choi et al. 2022; gamma = 0 disables it), or
                 by min-SNR-gamma weighting (Hang et al. 2023: the x0-space weight min(SNR, g),
-                expressed for the prediction target; 0 disables it).
+                expressed for the prediction target; 0 disables it). `snr_floor` f > 0 raises
+                that x0-space weight to at least f: max(SNR, 1) is Salimans & Ho's (2022)
+                truncated-SNR weighting, and with min_snr_gamma both bound it,
+                clip(SNR, f, g) -- high-noise steps keep the weight an x0 loss gives them.
         hybrid: mse + vlb_weight * T * L_t (improved DDPM's L_hybrid with lambda = vlb_weight); the
                 variational term trains only the variance (the mean is held fixed by stop_gradient).
         Returns (loss [B], aux dict of per-example terms).
@@ -260,9 +263,10 @@ class GaussianDiffusion:
         mse = jnp.mean((mean_out.astype(jnp.float32) - target.astype(jnp.float32)) ** 2, axis=axes)
         if p2_gamma:
             mse = mse / (p2_k + self.snr(t)) ** p2_gamma
-        if min_snr_gamma:
+        if min_snr_gamma or snr_floor:
             snr = self.snr(t)
-            clipped = jnp.minimum(snr, min_snr_gamma)
+            clipped = jnp.minimum(snr, min_snr_gamma) if min_snr_gamma else snr
+            clipped = jnp.maximum(clipped, snr_floor) if snr_floor else clipped
             mse = mse * {"eps": clipped / snr, "x0": clipped,
                          "v": clipped / (snr + 1.0)}[self.config.prediction]
         aux = {"mse": mse}

@@ -56,7 +56,8 @@ class DecoderStage(CLIPConditionedStage, Stage):
                                         vlb_weight=float(self.config.loss.vlb_weight),
                                         p2_gamma=float(self.config.loss.p2_gamma),
                                         min_snr_gamma=float(self.config.loss.get(
-                                            "min_snr_gamma", 0.0)))
+                                            "min_snr_gamma", 0.0)),
+                                        snr_floor=float(self.config.loss.get("snr_floor", 0.0)))
         return jnp.mean(loss), {k: jnp.mean(v) for k, v in aux.items()}
 
     def sample_images(self, params, frozen, rng, n: int = 8, steps: int = 25):

@@ -71,7 +71,8 @@ class UpsamplerStage(Stage):
         loss, aux = self.diffusion.loss(out, x0, noise, t, loss_type=self.config.loss.type,
                                         vlb_weight=float(self.config.loss.vlb_weight),
                                         min_snr_gamma=float(self.config.loss.get(
-                                            "min_snr_gamma", 0.0)))
+                                            "min_snr_gamma", 0.0)),
+                                        snr_floor=float(self.config.loss.get("snr_floor", 0.0)))
         return jnp.mean(loss), {k: jnp.mean(v) for k, v in aux.items()}
 
     def dummy_batch(self, batch_size):
