@@ -44,6 +44,8 @@ def get_config(arg=None):
     c.loss = ml_collections.ConfigDict({"type": "hybrid", "vlb_weight": 1e-3, "p2_gamma": 0.0,
                                         "min_snr_gamma": 5.0 if size == "demo" else 0.0,
                                         "snr_floor": 0.0})
+    # how the pipeline samples this decoder by default (DDPM at guidance 8: Karlo's)
+    c.sampling = ml_collections.ConfigDict(dict(method="ddpm", eta=0.0, guidance=8.0))
     c.cond_drop = ml_collections.ConfigDict({"image": 0.1, "text": 0.5})
     c.clip_dir = ""
     c.tokenizer = ""

@@ -62,6 +62,36 @@ def test_rerunning_the_demo_reuses_the_stages(demo, capsys):
     assert before == {s: sorted(os.listdir(os.path.join(w, s, "checkpoints"))) for s in before}
 
 
+def test_the_decoder_samples_as_its_config_records(demo, tmp_path):
+    """configs/decoder.py's `sampling` block (method, eta, guidance) is what the pipeline uses
+    when a call names none."""
+    import shutil
+
+    import jax
+    import jax.numpy as jnp
+
+    from unclip_jax.train.checkpoint import CONFIG_FILE
+    from unclip_jax.pipeline import UnCLIPPipeline
+
+    w = str(tmp_path / "w")
+    shutil.copytree(demo[0], w)
+    path = os.path.join(w, "decoder", CONFIG_FILE)
+    rec = json.load(open(path))
+    assert rec["train"]["sampling"] == {"method": "ddpm", "eta": 0.0, "guidance": 8.0}
+    rec["train"]["sampling"] = {"method": "ddim", "eta": 0.5, "guidance": 2.5}
+    json.dump(rec, open(path, "w"))
+    pipe = UnCLIPPipeline.from_workdir(w, progress=False)
+    assert pipe.decoder_guidance_default == 2.5
+    cond, uncond = pipe.text_conditioning(["a red circle", "a blue square"])
+    z = jax.random.normal(jax.random.key(0), (2, pipe.clip.embed_dim))
+    run = lambda **kw: np.asarray(pipe.sample_decoder(  # noqa: E731
+        z, cond, uncond, steps=5, rng=jax.random.key(1), **kw))
+    default = run()
+    np.testing.assert_array_equal(default, run(method="ddim", eta=0.5, guidance=2.5))
+    assert np.abs(default - run(method="ddpm", eta=0.0, guidance=2.5)).max() > 1e-3
+    assert np.abs(default - run(method="ddim", eta=0.5, guidance=8.0)).max() > 1e-3
+
+
 @pytest.fixture(scope="module")
 def manip(demo):
     from unclip_jax.manipulate import Manipulator

@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decoder-steps", type=int, default=25)
     s.add_argument("--super-res-steps", type=int, default=7)
     s.add_argument("--prior-guidance", type=float, default=4.0)
-    s.add_argument("--decoder-guidance", type=float, default=8.0)
+    s.add_argument("--decoder-guidance", type=float, default=None,
+                   help="default: what the decoder records (its config's sampling.guidance); "
+                        "8 for a diffusers pipeline")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_cmd_sample)
 

@@ -69,10 +69,11 @@ class Evaluator:
         return {"prior_cosine": float(np.mean(np.sum(z * true, -1))),
                 "text_embedding_cosine_baseline": float(np.mean(np.sum(t * true, -1)))}
 
-    def generate(self, prompts, *, seed=0, steps=(25, 25, 7), guidance=(4.0, 4.0),
+    def generate(self, prompts, *, seed=0, steps=(25, 25, 7), guidance=(4.0, None),
                  true_images=None):
         """Generated (final, decoder) uint8 images for prompts; with `true_images` the decoder is
-        fed the real images' CLIP embeddings instead of the prior's."""
+        fed the real images' CLIP embeddings instead of the prior's. Decoder guidance None: the
+        decoder's default."""
         finals, lows = [], []
         for i in range(0, len(prompts), self.batch):
             chunk = list(prompts[i:i + self.batch])
@@ -135,7 +136,7 @@ def eval_sets(n_single: int, n_two: int, n_heldout: int, seed: int = 0):
 
 
 def evaluate(pipe, *, n_single=64, n_two=32, n_heldout=32, seed=0, steps=(25, 25, 7),
-             guidance=(4.0, 4.0)) -> dict[str, Any]:
+             guidance=(4.0, None)) -> dict[str, Any]:
     """All the measurements, as a nested dict (also the generated images under '_images')."""
     ev = Evaluator(pipe)
     sets = eval_sets(n_single, n_two, n_heldout, seed)

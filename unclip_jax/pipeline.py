@@ -163,7 +163,6 @@ class UnCLIPPipeline:
         """
         import os
 
-        from unclip_jax.convert.diffusers_pipeline import StageSampling
         from unclip_jax.data.tokenizer import load_tokenizer
         from unclip_jax.diffusion import DiffusionConfig
         from unclip_jax.models.prior import PriorConfig
@@ -186,20 +185,22 @@ class UnCLIPPipeline:
             need("clip")
         if not clip.tokenizer_path:
             raise ValueError(f"the CLIP stage in {workdir} records no tokenizer")
+        def sampling(cfg, clip_x0):  # the stage config's `sampling` block, where it has one
+            s = dict(cfg.get("train", {}).get("sampling") or {})
+            return StageSampling(DiffusionConfig.from_dict(cfg["model"]["diffusion"]), clip_x0,
+                                 method=s.get("method", "ddpm"), eta=float(s.get("eta", 0.0)),
+                                 guidance=s.get("guidance"))
+
         cfg, params, _ = need("prior")
-        m = cfg["model"]
-        prior = Stage(PriorConfig.from_dict(m["prior"]), params,
-                      StageSampling(DiffusionConfig.from_dict(m["diffusion"]), m.get("clip_x0")))
+        prior = Stage(PriorConfig.from_dict(cfg["model"]["prior"]), params,
+                      sampling(cfg, cfg["model"].get("clip_x0")))
         cfg, params, _ = need("decoder")
-        m = cfg["model"]
-        decoder = Stage(DecoderConfig.from_dict(m["decoder"]), params,
-                        StageSampling(DiffusionConfig.from_dict(m["diffusion"]), 1.0))
+        decoder = Stage(DecoderConfig.from_dict(cfg["model"]["decoder"]), params,
+                        sampling(cfg, 1.0))
         sr = None
         if upsampler:
             cfg, params, _ = need("upsampler")
-            m = cfg["model"]
-            sr = Stage(UNetConfig.from_dict(m["unet"]), params,
-                       StageSampling(DiffusionConfig.from_dict(m["diffusion"]), 1.0))
+            sr = Stage(UNetConfig.from_dict(cfg["model"]["unet"]), params, sampling(cfg, 1.0))
         pipe = cls(load_tokenizer(clip.tokenizer_path), (clip.text_config, clip.text_params),
                    prior, decoder, sr, **kw)
         pipe.clip = clip
@@ -211,13 +212,23 @@ class UnCLIPPipeline:
             return self.decoder.config.unet.sample_size
         return self.super_res_first.config.sample_size
 
+    @property
+    def decoder_guidance_default(self) -> float:
+        """The decoder's guidance scale when none is given: what its stage records, else 8
+        (Karlo's)."""
+        g = self.decoder.sampling.guidance
+        return 8.0 if g is None else float(g)
+
     # ------------------------------------------------------------------ pieces
-    def _sampler(self, stage: str, steps: int, coefficient_dtype: str, method: str = "ddpm",
-                 eta: float = 0.0, clip: bool = True) -> Sampler:
+    def _sampler(self, stage: str, steps: int, coefficient_dtype: str, method: str | None = None,
+                 eta: float | None = None, clip: bool = True) -> Sampler:
+        """The stage's sampler; method / eta None: the stage's defaults (StageSampling)."""
+        st = {"prior": self.prior, "decoder": self.decoder,
+              "super_res": self.super_res_first}[stage]
+        method = st.sampling.method if method is None else method
+        eta = st.sampling.eta if eta is None else float(eta)
         key = (stage, steps, coefficient_dtype, method, eta, clip)
         if key not in self._samplers:
-            st = {"prior": self.prior, "decoder": self.decoder,
-                  "super_res": self.super_res_first}[stage]
             scfg = SamplingConfig(method=method, eta=eta, steps=steps, spacing="even",
                                   clip_x0=st.sampling.clip_x0 if clip else None,
                                   coefficient_dtype=coefficient_dtype)
@@ -281,8 +292,11 @@ class UnCLIPPipeline:
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: str | Sequence[str], *, seed: int = 0, prior_steps: int = 25,
                  decoder_steps: int = 25, super_res_steps: int = 7, prior_guidance: float = 4.0,
-                 decoder_guidance: float = 8.0, num_images_per_prompt: int = 1) -> np.ndarray:
-        """Images for the prompts, uint8 [len(prompts) * num_images_per_prompt, H, W, 3]."""
+                 decoder_guidance: float | None = None,
+                 num_images_per_prompt: int = 1) -> np.ndarray:
+        """Images for the prompts, uint8 [len(prompts) * num_images_per_prompt, H, W, 3].
+
+        `decoder_guidance` None: the decoder's recorded default (`decoder_guidance_default`)."""
         out = self.generate_float(prompts, seed=seed, prior_steps=prior_steps,
                                   decoder_steps=decoder_steps, super_res_steps=super_res_steps,
                                   prior_guidance=prior_guidance,
@@ -299,7 +313,7 @@ class UnCLIPPipeline:
 
     def generate_float(self, prompts, *, seed: int = 0, prior_steps: int = 25,
                        decoder_steps: int = 25, super_res_steps: int = 7,
-                       prior_guidance: float = 4.0, decoder_guidance: float = 8.0,
+                       prior_guidance: float = 4.0, decoder_guidance: float | None = None,
                        num_images_per_prompt: int = 1, prior_candidates: int | None = None,
                        latents: dict | None = None, noise: dict | None = None,
                        coefficient_dtype: str = "float64") -> dict[str, Any]:
@@ -311,6 +325,8 @@ class UnCLIPPipeline:
         with a reference implementation step for step. `coefficient_dtype="float32"` reproduces
         diffusers' float32 scheduler arithmetic (see SamplingConfig).
         """
+        if decoder_guidance is None:
+            decoder_guidance = self.decoder_guidance_default
         prompts = _validate(prompts, dict(prior_steps=prior_steps, decoder_steps=decoder_steps,
                                           super_res_steps=super_res_steps),
                             dict(prior_guidance=prior_guidance, decoder_guidance=decoder_guidance),
@@ -382,11 +398,14 @@ class UnCLIPPipeline:
         return dc, du
 
     def sample_decoder(self, image_embeds, cond, uncond=None, *, steps: int = 25,
-                       guidance: float = 8.0, rng=None, latents=None, noise=None,
-                       method: str = "ddpm", eta: float = 0.0, clip: bool = True,
+                       guidance: float | None = None, rng=None, latents=None, noise=None,
+                       method: str | None = None, eta: float | None = None, clip: bool = True,
                        coefficient_dtype: str = "float64"):
         """Decoder images [N, h, w, 3] in [-1, 1] for CLIP image embeddings (+ text).
-        `clip=False` samples without clipping x0 (to mirror an unclipped DDIM inversion)."""
+        guidance / method / eta None: the decoder's defaults (StageSampling). `clip=False`
+        samples without clipping x0 (to mirror an unclipped DDIM inversion)."""
+        if guidance is None:
+            guidance = self.decoder_guidance_default
         dcfg = self.decoder.config.unet
         n = image_embeds.shape[0]
         sampler = self._sampler("decoder", steps, coefficient_dtype, method, eta, clip)

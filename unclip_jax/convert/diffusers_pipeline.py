@@ -21,11 +21,15 @@ class NotAPipelineError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class StageSampling:
-    """What a stage's scheduler config says: the diffusion the model was trained with and the
-    x0 clip range used when sampling it."""
+    """How a stage is sampled by default: the diffusion the model was trained with, the x0 clip
+    range, the sampler ("ddpm" ancestral, as diffusers' UnCLIPScheduler, or "ddim" with `eta`)
+    and, for the decoder, the classifier-free guidance scale (None: the pipeline's default)."""
 
     diffusion: DiffusionConfig
     clip_x0: float | None
+    method: str = "ddpm"
+    eta: float = 0.0
+    guidance: float | None = None
 
 
 def scheduler_to_diffusion(cfg: dict[str, Any]) -> StageSampling:

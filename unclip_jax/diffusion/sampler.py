@@ -301,6 +301,8 @@ class Sampler:
 
     def _run(self, plan, rule, params, x, cond, uncond, guidance_scale, rng, noise, desc):
         gs = _check_guidance(guidance_scale, uncond)
+        if gs == 1.0:  # out_u + 1 * (out_c - out_u) is out_c: skip the unconditional half
+            uncond = None
         if noise is not None and tuple(noise.shape) != (plan.num_steps,) + tuple(x.shape):
             raise ValueError(f"noise must have shape {(plan.num_steps,) + tuple(x.shape)}, "
                              f"got {tuple(noise.shape)}")
