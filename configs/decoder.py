@@ -34,7 +34,8 @@ def get_config(arg=None):
                   resblock_updown=True, context_dim=s["context"], time_cond=True,
                   coord_input=False,
                   dtype="float32", param_dtype="float32"),
-        clip_embed_dim=s["clip"], clip_extra_context_tokens=4))
+        clip_embed_dim=s["clip"], clip_extra_context_tokens=4,
+        clip_spatial_channels=0, clip_spatial_size=8))
     # The demo predicts v: a small, briefly trained UNet's eps error (~0.04 MSE whatever t) is
     # amplified by 1/sqrt(abar_t) into x0 at high noise, and sampling from t=999 fails; v is
     # well conditioned at both ends. Karlo and the paper predict eps.

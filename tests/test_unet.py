@@ -375,3 +375,54 @@ def test_coord_input():
     want = unet_lib.UNet(plain).apply(v_plain, x, t)
     np.testing.assert_allclose(unet_lib.UNet(coord).apply(zeroed, x, t), want, atol=1e-5)
     assert not np.allclose(unet_lib.UNet(coord).apply(v, x, t), want, atol=1e-3)
+
+
+def test_decoder_clip_spatial_map():
+    """clip_spatial_channels: conv_in sees [x, nearest-upsampled (img @ W + b) as a size x size
+    x k map]; with those kernel rows zeroed the decoder equals the plain decoder."""
+    import dataclasses
+
+    from unclip_jax.models.decoder import decoder_init_inputs
+
+    unet = unet_lib.UNetConfig(in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                               layers_per_block=1, attention_head_dim=8, norm_groups=8,
+                               context_dim=16, time_cond=True, sample_size=16)
+    plain = decoder_lib.DecoderConfig(unet=unet, clip_embed_dim=16, text_hidden_dim=16)
+    spatial = decoder_lib.DecoderConfig(unet=unet, clip_embed_dim=16, text_hidden_dim=16,
+                                        clip_spatial_channels=2, clip_spatial_size=4)
+    args = list(decoder_init_inputs(spatial, batch=2, size=16, text_len=3))
+    keys = jax.random.split(jax.random.key(5), 3)
+    args[0] = jax.random.normal(keys[0], args[0].shape)
+    args[1] = jnp.array([3, 900])
+    args[2] = jax.random.normal(keys[1], args[2].shape)
+    args[3] = jax.random.normal(keys[2], args[3].shape)
+    v = nn.unbox(decoder_lib.Decoder(spatial).init(jax.random.key(0), *args))
+    p = v["params"]
+    k = p["unet"]["conv_in"]["kernel"]
+    assert k.shape[2] == 3 + 2
+
+    seen = []
+
+    def record(next_fun, a, kw, context):
+        if context.module.name == "conv_in":
+            seen.append(np.asarray(a[0]))
+        return next_fun(*a, **kw)
+
+    with nn.intercept_methods(record):
+        decoder_lib.Decoder(spatial).apply(v, *args)
+    m = (np.asarray(args[2]) @ np.asarray(p["image_to_spatial"]["dense"]["kernel"])
+         + np.asarray(p["image_to_spatial"]["dense"]["bias"])).reshape(2, 4, 4, 2)
+    want = np.repeat(np.repeat(m, 4, axis=1), 4, axis=2)
+    np.testing.assert_allclose(seen[0][..., :3], args[0], atol=1e-6)
+    np.testing.assert_allclose(seen[0][..., 3:], want, rtol=1e-5, atol=1e-5)
+
+    unet_p = {**p["unet"], "conv_in": {**p["unet"]["conv_in"], "kernel": k.at[:, :, 3:].set(0)}}
+    zeroed = {"params": {**p, "unet": unet_p}}
+    v_plain = {"params": {**{n: q for n, q in p.items() if n != "image_to_spatial"},
+                          "unet": {**p["unet"], "conv_in": {**p["unet"]["conv_in"],
+                                                            "kernel": k[:, :, :3]}}}}
+    want = decoder_lib.Decoder(plain).apply(v_plain, *args)
+    np.testing.assert_allclose(decoder_lib.Decoder(spatial).apply(zeroed, *args), want, atol=1e-5)
+    assert not np.allclose(decoder_lib.Decoder(spatial).apply(v, *args), want, atol=1e-3)
+    with pytest.raises(ValueError, match="multiple of clip_spatial_size"):
+        decoder_lib.Decoder(dataclasses.replace(spatial, clip_spatial_size=5)).apply(v, *args)
