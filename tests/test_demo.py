@@ -28,10 +28,11 @@ def test_demo_writes_grid_report_and_metrics(demo):
     assert grid.format == "PNG" and grid.size[0] >= 8 * 96
     report = open(os.path.join(w, "report.md")).read()
     for needle in ("![generated images](grid.png)", "## Faithfulness", "| single |",
-                   "text -> image", "sampled by the prior", "## CLIP score"):
+                   "text -> image", "sampled by the prior", "## CLIP score",
+                   "Sampled with: prior 25 steps, guidance 4; decoder DDPM 25 steps, guidance 8;"):
         assert needle in report
     m = json.load(open(os.path.join(w, "metrics.json")))
-    for key in ("retrieval", "prior", "faithfulness", "faithfulness_true_embedding",
+    for key in ("sampling", "retrieval", "prior", "faithfulness", "faithfulness_true_embedding",
                 "clip_score", "seconds"):
         assert key in m
     # the analyser scores the real renderings of the evaluation prompts perfectly

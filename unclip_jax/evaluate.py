@@ -142,7 +142,14 @@ def evaluate(pipe, *, n_single=64, n_two=32, n_heldout=32, seed=0, steps=(25, 25
     sets = eval_sets(n_single, n_two, n_heldout, seed)
     allimg = np.concatenate([s["images"] for s in sets.values()])
     allcap = sum((s["prompts"] for s in sets.values()), [])
-    res: dict[str, Any] = {"retrieval": ev.retrieval(allimg, allcap)}
+    dec = pipe.decoder.sampling
+    res: dict[str, Any] = {"sampling": {
+        "prior": f"{steps[0]} steps, guidance {guidance[0]:g}",
+        "decoder": f"{dec.method.upper()} {steps[1]} steps"
+                   + (f" (eta {dec.eta:g})" if dec.method == "ddim" else "")
+                   + f", guidance {pipe.decoder_guidance_default if guidance[1] is None else guidance[1]:g}",
+        "upsampler": f"{steps[2]} steps"}}
+    res["retrieval"] = ev.retrieval(allimg, allcap)
     res["prior"] = ev.prior_similarity(allimg, allcap, seed=seed, steps=steps[0],
                                        guidance=guidance[0])
     res["faithfulness"], res["faithfulness_decoder_output"] = {}, {}

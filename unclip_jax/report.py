@@ -16,6 +16,9 @@ def write_report(path: str, res: dict, grid: str = "grid.png") -> str:
              "A miniature unCLIP stack (BPE tokenizer, CLIP, diffusion prior, 32x32 decoder, "
              "32->64 upsampler) trained on CPU on the procedural shapes world, then sampled.", "",
              f"![generated images]({grid})", ""]
+    if "sampling" in res:
+        lines += ["Sampled with: " + "; ".join(f"{k} {v}" for k, v in res["sampling"].items())
+                  + ".", ""]
     r = res["retrieval"]
     lines += ["## CLIP", "",
               "| zero-shot top-1 (test set) | |", "|---|---|",
