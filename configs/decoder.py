@@ -36,8 +36,7 @@ def get_config(arg=None):
                   resblock_updown=True, context_dim=s["context"], time_cond=True,
                   coord_input=size == "demo",
                   dtype="float32", param_dtype="float32"),
-        clip_embed_dim=s["clip"], clip_extra_context_tokens=4,
-        clip_spatial_channels=0, clip_spatial_size=8))
+        clip_embed_dim=s["clip"], clip_extra_context_tokens=4))
     # The demo predicts x0 with a flat x0 loss and samples with DDIM. A small, briefly trained
     # UNet's eps error (~0.04 MSE whatever t) is amplified by 1/sqrt(abar_t) into x0 at high
     # noise, so an eps decoder fails from t=999; and v with min-SNR-5 weighting (x0-space weight

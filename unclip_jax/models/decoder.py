@@ -25,11 +25,6 @@ class DecoderConfig:
     text_hidden_dim: width of the text encoder's hidden states (None = clip_embed_dim).
     clip_extra_context_tokens: the image embedding becomes this many extra context tokens,
       placed before the projected, LayerNormed text tokens.
-    clip_spatial_channels, clip_spatial_size: where channels k > 0, the image embedding is also
-      projected to a [size, size, k] map, upsampled (nearest) to the input's resolution and
-      appended to the UNet's input channels: a linear route from the embedding to *where* things
-      go, which a small, briefly trained decoder otherwise learns slowly through the global time
-      embedding and the context tokens. 0 (off) in unCLIP / Karlo.
     """
 
     unet: UNetConfig = dataclasses.field(default_factory=lambda: UNetConfig(
@@ -38,16 +33,12 @@ class DecoderConfig:
     text_hidden_dim: int | None = None
     clip_extra_context_tokens: int = 4
     text_norm_eps: float = 1e-5
-    clip_spatial_channels: int = 0
-    clip_spatial_size: int = 8
 
     def __post_init__(self):
         if isinstance(self.unet, dict):
             object.__setattr__(self, "unet", UNetConfig.from_dict(self.unet))
         if self.unet.context_dim is None:
             raise ValueError("the decoder's UNet needs context_dim (the text/CLIP context width)")
-        if self.clip_spatial_channels < 0 or self.clip_spatial_size < 1:
-            raise ValueError("clip_spatial_channels must be >= 0 and clip_spatial_size >= 1")
         if not self.unet.time_cond:
             raise ValueError("the decoder's UNet needs time_cond=True (CLIP embeddings are added "
                              "to the time embedding)")
@@ -103,14 +94,6 @@ class Decoder(nn.Module):
         mask = None
         if text_mask is not None:
             mask = jnp.concatenate([jnp.ones((b, n_tok), bool), text_mask.astype(bool)], axis=1)
-        if cfg.clip_spatial_channels:
-            s, k = cfg.clip_spatial_size, cfg.clip_spatial_channels
-            if x.shape[1] % s or x.shape[2] % s:
-                raise ValueError(f"input size {x.shape[1]}x{x.shape[2]} is not a multiple of "
-                                 f"clip_spatial_size {s}")
-            m = _dense(s * s * k, "image_to_spatial", ucfg)(img).reshape(b, s, s, k)
-            m = jnp.repeat(jnp.repeat(m, x.shape[1] // s, axis=1), x.shape[2] // s, axis=2)
-            x = jnp.concatenate([x.astype(dtype), m.astype(dtype)], axis=-1)
         return UNet(ucfg, name="unet")(x, t, context=context, context_mask=mask,
                                        time_cond=time_cond, train=train)
 
