@@ -207,3 +207,20 @@ def test_workdir_of_another_config_is_refused(tmp_path):
         train(tiny("upsampler", *over, "model.block_out_channels=(16, 16)"), str(tmp_path),
               progress=False)
     assert (tmp_path / "upsampler" / "config.json").read_text() == before
+
+
+def test_stage_record_keeps_paths_absolute(tmp_path, monkeypatch):
+    """A stage trained with relative tokenizer / CLIP paths loads from any directory later."""
+    import types
+
+    import ml_collections
+
+    from unclip_jax.train.trainer import _stage_record
+
+    monkeypatch.chdir(tmp_path)
+    cfg = ml_collections.ConfigDict({"tokenizer": "w/tokenizer", "clip_dir": "gs://b/clip",
+                                     "seed": 0})
+    stage = types.SimpleNamespace(name="prior", model_config=lambda: {"d": 1})
+    rec = _stage_record(stage, cfg)
+    assert rec["train"]["tokenizer"] == os.path.join(str(tmp_path), "w", "tokenizer")
+    assert rec["train"]["clip_dir"] == "gs://b/clip" and rec["model"] == {"d": 1}

@@ -74,9 +74,16 @@ def _validate(config, mesh):
         raise ValueError(f"total_steps must be positive, got {config.total_steps}")
 
 
+PATH_KEYS = ("tokenizer", "clip_dir")  # recorded absolute, so a stage loads from any directory
+
+
 def _stage_record(stage, config) -> dict[str, Any]:
-    return {"stage": stage.name, "model": stage.model_config(),
-            "train": json.loads(config.to_json_best_effort())}
+    train = json.loads(config.to_json_best_effort())
+    for k in PATH_KEYS:
+        v = train.get(k)
+        if isinstance(v, str) and v and "://" not in v:
+            train[k] = os.path.abspath(v)
+    return {"stage": stage.name, "model": stage.model_config(), "train": train}
 
 
 def make_train_step(stage, tx, schedule, config, mesh, rules):
