@@ -93,6 +93,82 @@ def test_the_decoder_samples_as_its_config_records(demo, tmp_path):
     assert np.abs(default - run(method="ddim", eta=0.5, guidance=8.0)).max() > 1e-3
 
 
+def test_variance_explained_closed_form():
+    """Unit rows a*onehot(A) (+) b*onehot(B) over a balanced factorial of A (3 levels) x B (2):
+    A explains a^2 (1 - 1/3) / (a^2 (1 - 1/3) + b^2 (1 - 1/2)) of the variance."""
+    from unclip_jax.evaluate import variance_explained
+
+    a, b = 1.0, 2.0
+    A, B = np.repeat(np.arange(3), 2), np.tile(np.arange(2), 3)
+    e = np.concatenate([a * np.eye(3)[A], b * np.eye(2)[B]], axis=1)
+    e = np.concatenate([e, 3 * e])  # row norms do not matter
+    A, B = np.concatenate([A, A]), np.concatenate([B, B])
+    va, vb = a * a * (1 - 1 / 3), b * b * (1 - 1 / 2)
+    assert variance_explained(e, A) == pytest.approx(va / (va + vb), rel=1e-12)
+    assert variance_explained(e, B) == pytest.approx(vb / (va + vb), rel=1e-12)
+    assert variance_explained(e, np.arange(len(A))) == pytest.approx(1.0)  # every row a group
+    assert variance_explained(e, np.zeros(len(A))) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_diagnostics_in_metrics_and_report(demo):
+    from unclip_jax.evaluate import ATTRIBUTES, PROBE_STEPS
+
+    w, _ = demo
+    d = json.load(open(os.path.join(w, "metrics.json")))["diagnostics"]
+    for emb in ("image", "text"):
+        v = d["salience"][emb]
+        assert set(v) == set(ATTRIBUTES) and all(0.0 <= x <= 1.0 for x in v.values())
+        # main effects of a balanced factorial are orthogonal: together at most the total
+        assert sum(v.values()) <= 1.0 + 1e-9
+    assert list(d["denoising_probe"]) == [str(t) for t in PROBE_STEPS]
+    assert all(0.0 <= r["csp"] <= r["color"] <= 1.0 for r in d["denoising_probe"].values())
+    report = open(os.path.join(w, "report.md")).read()
+    assert "## Diagnostics: where an attribute is lost" in report and "| 700 |" in report
+
+
+def test_predict_decoder_x0_is_the_samplers_estimate(demo):
+    """One DDIM step from t=999 to the end returns the decoder's clean-image estimate."""
+    import jax
+
+    from unclip_jax.pipeline import UnCLIPPipeline
+
+    pipe = UnCLIPPipeline.from_workdir(demo[0], progress=False)
+    cond, uncond = pipe.text_conditioning(["a red circle", "a blue square"])
+    z = jax.random.normal(jax.random.key(0), (2, pipe.clip.embed_dim))
+    n = pipe.decoder.config.unet.sample_size
+    x = jax.random.normal(jax.random.key(1), (2, n, n, 3))
+    one = pipe.sample_decoder(z, cond, uncond, steps=1, guidance=1.0, method="ddim", eta=0.0,
+                              latents=x, rng=jax.random.key(2))
+    est = pipe.predict_decoder_x0(x, np.full((2,), 999), z, cond)
+    np.testing.assert_allclose(np.asarray(est), np.asarray(one), atol=1e-5)
+    assert np.abs(np.asarray(est)).max() > 0.05  # not a trivial zero
+    with pytest.raises(ValueError, match="the decoder works at"):
+        pipe.predict_decoder_x0(jax.numpy.zeros((2, 2 * n, 2 * n, 3)), np.full((2,), 9), z, cond)
+
+
+def test_denoising_probe_scores_the_estimate(demo, monkeypatch):
+    """The probe reads what the decoder estimates: an oracle that returns the clean image scores
+    exactly as the real images at the decoder's size, one that returns blank background finds
+    no object."""
+    import jax.numpy as jnp
+
+    from unclip_jax.evaluate import Evaluator, _u8, eval_sets, faithfulness
+    from unclip_jax.pipeline import UnCLIPPipeline
+    from unclip_jax.stages.conditioning import to_model_range
+
+    pipe = UnCLIPPipeline.from_workdir(demo[0], progress=False)
+    s = eval_sets(4, 1, 1)["single"]
+    clean = to_model_range(jnp.asarray(s["images"]), pipe.decoder.config.unet.sample_size)
+    ev = Evaluator(pipe)
+    monkeypatch.setattr(pipe, "predict_decoder_x0", lambda x, t, z, c: clean)
+    oracle = ev.denoising_probe(s["images"], s["scenes"], s["prompts"], ts=(100, 900))
+    real = faithfulness(_u8(np.asarray(clean) * 0.5 + 0.5), s["scenes"])
+    assert oracle == {"100": real, "900": real} and real["color"] == 1.0
+    monkeypatch.setattr(pipe, "predict_decoder_x0", lambda x, t, z, c: jnp.full_like(clean, -0.78))
+    blank = ev.denoising_probe(s["images"], s["scenes"], s["prompts"], ts=(100,))
+    assert blank["100"]["csp"] == 0.0 and blank["100"]["count"] == 0.0
+
+
 @pytest.fixture(scope="module")
 def manip(demo):
     from unclip_jax.manipulate import Manipulator

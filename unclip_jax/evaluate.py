@@ -1,5 +1,7 @@
 """Measurements of a trained shapes-world stack (`unclip-jax eval`): CLIP retrieval, the prior's
-embeddings, faithfulness of generated images (by the deterministic analyser), CLIP score."""
+embeddings, faithfulness of generated images (by the deterministic analyser), CLIP score; and two
+diagnostics that say where an attribute is lost: how much of CLIP's embedding variance each
+attribute explains, and what the decoder makes of noised real images at fixed noise levels."""
 from __future__ import annotations
 
 import json
@@ -10,12 +12,37 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.data import analyse, shapes
-from unclip_jax.stages.conditioning import clip_pixels
+from unclip_jax.diffusion import GaussianDiffusion
+from unclip_jax.stages.conditioning import clip_pixels, to_model_range
 
 
 def _norm(x):
     x = np.asarray(x, np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+#: Attributes of a single-object scene, as :func:`attribute_salience` reports them.
+ATTRIBUTES = ("color", "shape", "size", "cell")
+#: Noise levels (steps of the 1000-step process) of :meth:`Evaluator.denoising_probe`.
+PROBE_STEPS = (100, 300, 500, 700)
+
+
+def variance_explained(embeds, labels) -> float:
+    """Fraction of the variance of the unit-normalised rows of `embeds` [N, D] that a categorical
+    `labels` [N] explains: between-group over total sum of squares (one-way ANOVA's R^2)."""
+    e = _norm(embeds)
+    e = e - e.mean(0)
+    labels = np.asarray(labels)
+    between = sum(np.sum(labels == v) * np.sum(e[labels == v].mean(0) ** 2)
+                  for v in np.unique(labels))
+    return float(between / max(np.sum(e ** 2), 1e-30))
+
+
+def single_object_scenes() -> list:
+    """Every single-object scene of the world (colours x shapes x sizes x cells), held-out
+    colour-shape pairs included."""
+    return [shapes.Scene((shapes.ShapeObject(sh, c, sz, cell),)) for c in shapes.COLORS
+            for sh in shapes.SHAPES for sz in shapes.SIZES for cell in shapes.CELLS]
 
 
 class Evaluator:
@@ -95,6 +122,37 @@ class Evaluator:
                 finals.append(lows[-1])
         return np.concatenate(finals), np.concatenate(lows)
 
+    def attribute_salience(self) -> dict[str, dict[str, float]]:
+        """How much of the variance of CLIP's image / text embeddings, over every single-object
+        scene, each attribute explains (:func:`variance_explained`). An attribute that explains
+        little is a weak signal for a decoder conditioned on these embeddings."""
+        scenes = single_object_scenes()
+        ie = self.image_embeds(np.stack([shapes.render(s, 64) for s in scenes]))
+        te = self.text_embeds([shapes.canonical_caption(s) for s in scenes])
+        out = {}
+        for name, e in (("image", ie), ("text", te)):
+            out[name] = {a: variance_explained(e, [getattr(s.objects[0], a) for s in scenes])
+                         for a in ATTRIBUTES}
+        return out
+
+    def denoising_probe(self, images, scenes, prompts, *, ts=PROBE_STEPS, seed=0
+                        ) -> dict[str, dict[str, float]]:
+        """Faithfulness of the decoder's one-step clean-image estimate from real images noised to
+        step t (fed their true CLIP image embeddings and captions), per t: the noise level at
+        which an attribute stops being recovered is where sampling has to decide it."""
+        size = self.pipe.decoder.config.unet.sample_size
+        x0 = to_model_range(jnp.asarray(images), size)
+        z = jnp.asarray(self.image_embeds(images))
+        cond, _ = self.pipe.text_conditioning(list(prompts))
+        diff = GaussianDiffusion(self.pipe.decoder.sampling.diffusion)
+        out = {}
+        for t in ts:
+            tt = jnp.full((x0.shape[0],), int(t), jnp.int32)
+            noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), int(t)), x0.shape)
+            pred = self.pipe.predict_decoder_x0(diff.q_sample(x0, tt, noise), tt, z, cond)
+            out[str(int(t))] = faithfulness(_u8(np.asarray(pred) * 0.5 + 0.5), scenes)
+        return out
+
     def clip_score(self, images, prompts) -> float:
         """100 x mean cosine between CLIP image and text embeddings (CLIPScore without the clip
         at 0), with this stack's own CLIP."""
@@ -166,6 +224,10 @@ def evaluate(pipe, *, n_single=64, n_two=32, n_heldout=32, seed=0, steps=(25, 25
         res["clip_score"][name] = {"generated": ev.clip_score(final, s["prompts"]),
                                    "real": ev.clip_score(s["images"], s["prompts"])}
         images[name] = (final, s["prompts"])
+    res["diagnostics"] = {
+        "salience": ev.attribute_salience(),
+        "denoising_probe": ev.denoising_probe(sets["single"]["images"], sets["single"]["scenes"],
+                                              sets["single"]["prompts"], seed=seed)}
     res["_images"] = images
     return res
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.convert.diffusers_pipeline import StageSampling, load_components
-from unclip_jax.diffusion import Sampler, SamplingConfig
+from unclip_jax.diffusion import GaussianDiffusion, Sampler, SamplingConfig
 from unclip_jax.models.clip import CLIPTextModelWithProjection
 from unclip_jax.models.prior import PriorTransformer, denormalize_embedding
 from unclip_jax.models.decoder import Decoder
@@ -128,6 +128,7 @@ class UnCLIPPipeline:
         self.context_length = min(int(self.text_config.max_position_embeddings),
                                   int(getattr(tokenizer, "model_max_length", 10 ** 9)))
         self._samplers: dict[tuple, Sampler] = {}
+        self._jitted: dict[str, Any] = {}
         # model functions are built once, so each sampler's jitted loop compiles once
         text_model = CLIPTextModelWithProjection(self.text_config)
         self._encode = jax.jit(lambda p, ids: text_model.apply({"params": p}, ids))
@@ -417,6 +418,25 @@ class UnCLIPPipeline:
         x = self._run("decoder", sampler, self.decoder.params, x, dc, du,
                       rng=jax.random.fold_in(rng, 1), guidance_scale=guidance, noise=noise)
         return jnp.clip(x, -1.0, 1.0)
+
+    def predict_decoder_x0(self, x_t, t, image_embeds, cond):
+        """The decoder's one-step estimate of the clean image from `x_t` [N, h, w, 3] at step `t`
+        ([N] ints of the full process) for CLIP image embeddings (+ text), unguided, clipped as
+        its sampler clips: what the network believes the image is at that noise level."""
+        size = self.decoder.config.unet.sample_size
+        if tuple(x_t.shape[1:3]) != (size, size):
+            raise ValueError(f"the decoder works at {size}x{size}; got x_t of shape {x_t.shape}")
+        if "predict_x0" not in self._jitted:
+            diff = GaussianDiffusion(self.decoder.sampling.diffusion)
+            clip_x0 = self.decoder.sampling.clip_x0
+
+            def f(params, x, tt, dc):
+                out = self._decoder_fn(params, x, tt, dc)
+                return diff.p_mean_variance(out, x, tt, clip_x0=clip_x0)["x0"]
+
+            self._jitted["predict_x0"] = jax.jit(f)
+        dc, _ = self._decoder_inputs(image_embeds, cond, None)
+        return self._jitted["predict_x0"](self.decoder.params, x_t, jnp.asarray(t), dc)
 
     def invert_decoder(self, images, image_embeds, cond, *, steps: int = 25):
         """DDIM inversion of decoder-resolution images [N, h, w, 3] in [-1, 1] to their x_T,

@@ -52,6 +52,23 @@ def write_report(path: str, res: dict, grid: str = "grid.png") -> str:
               "CLIP:", "", "| prompts | generated | real images |", "|---|---|---|"]
     for k in ("single", "two", "heldout"):
         lines.append(f"| {k} | {cs[k]['generated']:.1f} | {cs[k]['real']:.1f} |")
+    dg = res.get("diagnostics")
+    if dg:
+        lines += ["", "## Diagnostics: where an attribute is lost", "",
+                  "Fraction of the variance of CLIP's embeddings (every single-object scene) that "
+                  "each attribute explains -- the strength of that attribute's signal to the "
+                  "decoder:", "", "| embedding | colour | shape | size | cell |",
+                  "|---|---|---|---|---|"]
+        for k, v in dg["salience"].items():
+            lines.append(f"| {k} | {v['color']:.2f} | {v['shape']:.2f} | {v['size']:.2f} | "
+                         f"{v['cell']:.2f} |")
+        lines += ["", "The decoder's one-step clean-image estimate from single-object test images "
+                  "noised to step t (of 1000), fed their true embeddings and captions, read by "
+                  "the analyser:", "", "| t | colour | shape | position | csp |",
+                  "|---|---|---|---|---|"]
+        for t, v in dg["denoising_probe"].items():
+            lines.append(f"| {t} | {_pct(v['color'])} | {_pct(v['shape'])} | "
+                         f"{_pct(v['position'])} | {_pct(v['csp'])} |")
     if "seconds" in res:
         lines += ["", "## Time (seconds)", "", "| part | s |", "|---|---|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in res["seconds"].items()]
