@@ -128,7 +128,6 @@ class UnCLIPPipeline:
         self.context_length = min(int(self.text_config.max_position_embeddings),
                                   int(getattr(tokenizer, "model_max_length", 10 ** 9)))
         self._samplers: dict[tuple, Sampler] = {}
-        self._jitted: dict[str, Any] = {}
         # model functions are built once, so each sampler's jitted loop compiles once
         text_model = CLIPTextModelWithProjection(self.text_config)
         self._encode = jax.jit(lambda p, ids: text_model.apply({"params": p}, ids))
@@ -139,6 +138,9 @@ class UnCLIPPipeline:
         self._decoder_fn = lambda p, x, t, c: decoder_model.apply(
             {"params": p}, x, t, c["image_embed"], c["text_embed"], c["text_hidden"],
             c["text_mask"], null_image=c["null_image"])
+        dec_diffusion = GaussianDiffusion(decoder.sampling.diffusion)
+        self._decoder_x0 = jax.jit(lambda p, x, t, c: dec_diffusion.p_mean_variance(
+            self._decoder_fn(p, x, t, c), x, t, clip_x0=decoder.sampling.clip_x0)["x0"])
         first = UNet(super_res_first.config) if super_res_first is not None else None
         last = UNet(super_res_last.config) if super_res_last is not None else None
         self._sr_first_model, self._sr_last_model = first, last
@@ -426,17 +428,8 @@ class UnCLIPPipeline:
         size = self.decoder.config.unet.sample_size
         if tuple(x_t.shape[1:3]) != (size, size):
             raise ValueError(f"the decoder works at {size}x{size}; got x_t of shape {x_t.shape}")
-        if "predict_x0" not in self._jitted:
-            diff = GaussianDiffusion(self.decoder.sampling.diffusion)
-            clip_x0 = self.decoder.sampling.clip_x0
-
-            def f(params, x, tt, dc):
-                out = self._decoder_fn(params, x, tt, dc)
-                return diff.p_mean_variance(out, x, tt, clip_x0=clip_x0)["x0"]
-
-            self._jitted["predict_x0"] = jax.jit(f)
         dc, _ = self._decoder_inputs(image_embeds, cond, None)
-        return self._jitted["predict_x0"](self.decoder.params, x_t, jnp.asarray(t), dc)
+        return self._decoder_x0(self.decoder.params, x_t, jnp.asarray(t), dc)
 
     def invert_decoder(self, images, image_embeds, cond, *, steps: int = 25):
         """DDIM inversion of decoder-resolution images [N, h, w, 3] in [-1, 1] to their x_T,
