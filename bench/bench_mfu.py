@@ -24,101 +24,90 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build(stage: str, size: str, remat: str, scan: bool, attention: str | None):
-    """(model, params_init(rng, batch) fn, forward(params, batch, rng), loss(params, batch, rng),
-    make_batch(rng, n))."""
+    """(config, init(rng, batch), loss(params, batch, rng), forward(params, batch, rng),
+    make_batch(rng, n)) over the stage's denoiser (`models.*.denoiser`) and the one diffusion
+    loss (`GaussianDiffusion.training_loss`). A batch is dict(x0, cond)."""
     import jax
     import jax.numpy as jnp
 
-    from unclip_jax.diffusion import DiffusionConfig, GaussianDiffusion
+    from unclip_jax.diffusion import DiffusionConfig, GaussianDiffusion, loss_options
     from unclip_jax.train.config import load_config
 
     cfg = load_config(os.path.join(HERE, "configs", f"{stage}.py") + f":size={size}", [])
     diffusion = GaussianDiffusion(DiffusionConfig.from_dict(cfg.diffusion.to_dict()))
     rm = dict(remat=remat != "none", remat_policy=remat if remat != "none" else "full")
     if stage == "prior":
-        from unclip_jax.models.prior import PriorConfig, PriorTransformer
+        from unclip_jax.models import prior as lib
 
-        pc = PriorConfig.from_dict(cfg.model.to_dict())
+        pc = lib.PriorConfig.from_dict(cfg.model.to_dict())
         pc = dataclasses.replace(pc, scan_layers=scan, attention_impl=attention, **rm)
-        model = PriorTransformer(pc)
+        model, fn = lib.PriorTransformer(pc), lib.denoiser(pc)
         L, D = pc.num_text_tokens, pc.embedding_dim
 
         def make_batch(rng, n):
             k = jax.random.split(rng, 3)
-            return dict(x0=jax.random.normal(k[0], (n, pc.out_dim)),
-                        text=jax.random.normal(k[1], (n, pc.text_embed_dim)),
-                        hidden=jax.random.normal(k[2], (n, L, D)),
-                        mask=jnp.ones((n, L), bool))
+            return dict(x0=jax.random.normal(k[0], (n, pc.out_dim)), cond=dict(
+                text_embed=jax.random.normal(k[1], (n, pc.text_embed_dim)),
+                text_hidden=jax.random.normal(k[2], (n, L, D)),
+                text_mask=jnp.ones((n, L), bool)))
 
-        def forward(params, b, t, x_t):
-            return model.apply({"params": params}, x_t, t, b["text"], b["hidden"], b["mask"],
-                               train=True, rngs={"dropout": jax.random.key(0)})
-
-        def init(rng, b):
-            return model.init(rng, b["x0"], jnp.zeros(b["x0"].shape[:1], jnp.int32), b["text"],
-                              b["hidden"], b["mask"])["params"]
-        loss_kw = {}
+        def init_args(b):
+            c = b["cond"]
+            return (b["x0"], jnp.zeros(b["x0"].shape[:1], jnp.int32), c["text_embed"],
+                    c["text_hidden"], c["text_mask"])
     elif stage == "decoder":
-        from unclip_jax.models.decoder import Decoder, DecoderConfig
+        from unclip_jax.models import decoder as lib
 
-        dc = DecoderConfig.from_dict(cfg.model.to_dict())
+        dc = lib.DecoderConfig.from_dict(cfg.model.to_dict())
         dc = dataclasses.replace(dc, unet=dataclasses.replace(dc.unet, attention_impl=attention,
                                                               **rm))
-        model = Decoder(dc)
+        model, fn = lib.Decoder(dc), lib.denoiser(dc)
         s, E, L = dc.unet.sample_size, dc.clip_embed_dim, 77
         H = dc.text_hidden_dim or E
 
         def make_batch(rng, n):
             k = jax.random.split(rng, 4)
-            return dict(x0=jax.random.uniform(k[0], (n, s, s, 3), minval=-1, maxval=1),
-                        image=jax.random.normal(k[1], (n, E)),
-                        text=jax.random.normal(k[2], (n, E)),
-                        hidden=jax.random.normal(k[3], (n, L, H)), mask=jnp.ones((n, L), bool))
+            return dict(x0=jax.random.uniform(k[0], (n, s, s, 3), minval=-1, maxval=1), cond=dict(
+                image_embed=jax.random.normal(k[1], (n, E)),
+                text_embed=jax.random.normal(k[2], (n, E)),
+                text_hidden=jax.random.normal(k[3], (n, L, H)), text_mask=jnp.ones((n, L), bool),
+                null_image=jnp.zeros((n,), bool)))
 
-        def forward(params, b, t, x_t):
-            return model.apply({"params": params}, x_t, t, b["image"], b["text"], b["hidden"],
-                               b["mask"], train=True, rngs={"dropout": jax.random.key(0)})
-
-        def init(rng, b):
-            return model.init(rng, b["x0"], jnp.zeros(b["x0"].shape[:1], jnp.int32), b["image"],
-                              b["text"], b["hidden"], b["mask"])["params"]
-        loss_kw = dict(loss_type=cfg.loss.type, vlb_weight=float(cfg.loss.vlb_weight))
+        def init_args(b):
+            c = b["cond"]
+            return (b["x0"], jnp.zeros(b["x0"].shape[:1], jnp.int32), c["image_embed"],
+                    c["text_embed"], c["text_hidden"], c["text_mask"])
     elif stage == "upsampler":
-        from unclip_jax.models.unet import UNet, UNetConfig
+        from unclip_jax.models import unet as lib
 
-        uc = UNetConfig.from_dict(cfg.model.to_dict())
+        uc = lib.UNetConfig.from_dict(cfg.model.to_dict())
         uc = dataclasses.replace(uc, attention_impl=attention, **rm)
-        model = UNet(uc)
+        model, fn = lib.UNet(uc), lib.super_res_denoiser(uc)
         crop = int(cfg.upsample.crop_size)
 
         def make_batch(rng, n):
             k = jax.random.split(rng, 2)
             return dict(x0=jax.random.uniform(k[0], (n, crop, crop, 3), minval=-1, maxval=1),
-                        low=jax.random.uniform(k[1], (n, crop, crop, 3), minval=-1, maxval=1))
+                        cond=dict(low_res=jax.random.uniform(k[1], (n, crop, crop, 3),
+                                                             minval=-1, maxval=1)))
 
-        def forward(params, b, t, x_t):
-            return model.apply({"params": params}, jnp.concatenate([x_t, b["low"]], -1), t,
-                               train=True, rngs={"dropout": jax.random.key(0)})
-
-        def init(rng, b):
-            x = jnp.concatenate([b["x0"], b["low"]], -1)
-            return model.init(rng, x, jnp.zeros(x.shape[:1], jnp.int32))["params"]
-        loss_kw = dict(loss_type=cfg.loss.type)
+        def init_args(b):
+            x = jnp.concatenate([b["x0"], b["cond"]["low_res"]], -1)
+            return (x, jnp.zeros(x.shape[:1], jnp.int32))
     else:
         raise ValueError(stage)
+    loss_kw = loss_options(cfg.get("loss"))
+
+    def init(rng, b):
+        return model.init(rng, *init_args(b))["params"]
 
     def loss(params, b, rng):
-        k_t, k_n = jax.random.split(rng)
-        x0 = b["x0"]
-        t = jax.random.randint(k_t, x0.shape[:1], 0, diffusion.num_steps)
-        noise = jax.random.normal(k_n, x0.shape)
-        out = forward(params, b, t, diffusion.q_sample(x0, t, noise))
-        value, _ = diffusion.loss(out, x0, noise, t, **loss_kw)
+        value, _ = diffusion.training_loss(fn, params, b["x0"], b["cond"], rng, **loss_kw)
         return jnp.mean(value)
 
     def fwd_only(params, b, rng):
         t = jnp.zeros(b["x0"].shape[:1], jnp.int32)
-        return forward(params, b, t, b["x0"])
+        return fn(params, b["x0"], t, b["cond"], train=True, rng=jax.random.key(0))
 
     return cfg, init, loss, fwd_only, make_batch
 

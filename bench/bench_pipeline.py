@@ -18,8 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
+
+# the PyTorch peers live with the tests
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
 
@@ -54,7 +59,7 @@ def main():
     import jax
     import torch
 
-    from unclip_jax.peers import KARLO, UnCLIPArch, unclip_pipeline
+    from peers import KARLO, UnCLIPArch, unclip_pipeline
     from unclip_jax.pipeline import UnCLIPPipeline
     from unclip_jax.train.flops import peak_flops
 

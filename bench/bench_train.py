@@ -19,15 +19,15 @@ def main(argv=None):
     ap.add_argument("--config", required=True)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--workdir", default="", help="a workdir holding clip/ (prior, decoder)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
-    args = ap.parse_args([a for a in argv if not a.startswith("--config.")])
+    from unclip_jax.train.config import load_config, split_overrides
+
+    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = ap.parse_args(rest)
 
     import jax
 
+    from unclip_jax.stages import train_stage
     from unclip_jax.train import flops
-    from unclip_jax.train.config import load_config
-    from unclip_jax.train.trainer import train
 
     over = [f"total_steps={args.steps}", f"log_every={max(1, args.steps // 4)}",
             "checkpoint.every=1000000", "checkpoint.async_save=False", *overrides]
@@ -35,7 +35,7 @@ def main(argv=None):
         over.append(f"clip_dir={args.workdir}/clip")
     cfg = load_config(args.config, over)
     with tempfile.TemporaryDirectory() as scratch:
-        res = train(cfg, scratch, progress=False)
+        res = train_stage(cfg, scratch, progress=False)
     last = res.history[-1]  # steady state: the first window includes warm-up
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; peak "
           f"{(flops.peak_flops() or 0) / 1e12:.0f} TFLOP/s per device (0 = unknown)")

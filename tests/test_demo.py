@@ -13,7 +13,7 @@ TINY = ["total_steps=4", "data.num_examples=64", "log_every=2"]
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from unclip_jax.demo import run_demo
+    from unclip_jax.shapes_demo.run import run_demo
 
     w = str(tmp_path_factory.mktemp("demo"))
     res = run_demo(w, size="tiny", extra=TINY, eval_sizes=(4, 2, 2), progress=False)
@@ -52,7 +52,7 @@ def test_a_relative_workdir_works(demo, monkeypatch):
 
 
 def test_rerunning_the_demo_reuses_the_stages(demo, capsys):
-    from unclip_jax.demo import train_stack
+    from unclip_jax.shapes_demo.run import train_stack
 
     w, _ = demo
     before = {s: sorted(os.listdir(os.path.join(w, s, "checkpoints")))
@@ -71,15 +71,16 @@ def test_the_decoder_samples_as_its_config_records(demo, tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from unclip_jax.train.checkpoint import CONFIG_FILE
     from unclip_jax.pipeline import UnCLIPPipeline
+    from unclip_jax.workdir import RECORD_FILE
 
     w = str(tmp_path / "w")
     shutil.copytree(demo[0], w)
-    path = os.path.join(w, "decoder", CONFIG_FILE)
+    path = os.path.join(w, "decoder", RECORD_FILE)
     rec = json.load(open(path))
-    assert rec["train"]["sampling"] == {"method": "ddpm", "eta": 0.0, "guidance": 8.0}
-    rec["train"]["sampling"] = {"method": "ddim", "eta": 0.5, "guidance": 2.5}
+    s = rec["sampling"]
+    assert (s["method"], s["eta"], s["guidance"]) == ("ddpm", 0.0, 8.0)
+    rec["sampling"].update(method="ddim", eta=0.5, guidance=2.5)
     json.dump(rec, open(path, "w"))
     pipe = UnCLIPPipeline.from_workdir(w, progress=False)
     assert pipe.decoder_guidance_default == 2.5
@@ -96,7 +97,7 @@ def test_the_decoder_samples_as_its_config_records(demo, tmp_path):
 def test_variance_explained_closed_form():
     """Unit rows a*onehot(A) (+) b*onehot(B) over a balanced factorial of A (3 levels) x B (2):
     A explains a^2 (1 - 1/3) / (a^2 (1 - 1/3) + b^2 (1 - 1/2)) of the variance."""
-    from unclip_jax.evaluate import variance_explained
+    from unclip_jax.shapes_demo.evaluate import variance_explained
 
     a, b = 1.0, 2.0
     A, B = np.repeat(np.arange(3), 2), np.tile(np.arange(2), 3)
@@ -111,7 +112,7 @@ def test_variance_explained_closed_form():
 
 
 def test_diagnostics_in_metrics_and_report(demo):
-    from unclip_jax.evaluate import ATTRIBUTES, PROBE_STEPS
+    from unclip_jax.shapes_demo.evaluate import ATTRIBUTES, PROBE_STEPS
 
     w, _ = demo
     d = json.load(open(os.path.join(w, "metrics.json")))["diagnostics"]
@@ -152,9 +153,9 @@ def test_denoising_probe_scores_the_estimate(demo, monkeypatch):
     no object."""
     import jax.numpy as jnp
 
-    from unclip_jax.evaluate import Evaluator, _u8, eval_sets, faithfulness
+    from unclip_jax.shapes_demo.evaluate import Evaluator, eval_sets, faithfulness
     from unclip_jax.pipeline import UnCLIPPipeline
-    from unclip_jax.stages.conditioning import to_model_range
+    from unclip_jax.images import to_model_range, to_uint8
 
     pipe = UnCLIPPipeline.from_workdir(demo[0], progress=False)
     s = eval_sets(4, 1, 1)["single"]
@@ -162,7 +163,7 @@ def test_denoising_probe_scores_the_estimate(demo, monkeypatch):
     ev = Evaluator(pipe)
     monkeypatch.setattr(pipe, "predict_decoder_x0", lambda x, t, z, c: clean)
     oracle = ev.denoising_probe(s["images"], s["scenes"], s["prompts"], ts=(100, 900))
-    real = faithfulness(_u8(np.asarray(clean) * 0.5 + 0.5), s["scenes"])
+    real = faithfulness(to_uint8(np.asarray(clean) * 0.5 + 0.5), s["scenes"])
     assert oracle == {"100": real, "900": real} and real["color"] == 1.0
     monkeypatch.setattr(pipe, "predict_decoder_x0", lambda x, t, z, c: jnp.full_like(clean, -0.78))
     blank = ev.denoising_probe(s["images"], s["scenes"], s["prompts"], ts=(100,))
@@ -200,10 +201,10 @@ def test_variations_at_eta_zero_reconstruct_the_input(manip, shape_image):
     import jax.numpy as jnp
 
     from unclip_jax.diffusion import GaussianDiffusion
-    from unclip_jax.manipulate import _resize
+    from unclip_jax.images import center_crop_resize
 
     pipe = manip.pipe
-    target = _resize(shape_image, manip.size)
+    target = center_crop_resize(shape_image, manip.size)
     x0 = jnp.asarray(target, jnp.float32) / 127.5 - 1.0
     d = GaussianDiffusion(pipe.decoder.sampling.diffusion)
     assert d.config.prediction == "eps" and d.config.learned_variance
@@ -252,7 +253,7 @@ def test_slerp_endpoints_and_norm():
 
 
 def test_rerank_keeps_the_best_candidate(manip):
-    from unclip_jax.evaluate import Evaluator
+    from unclip_jax.shapes_demo.evaluate import Evaluator
     from unclip_jax.manipulate import rerank
 
     pipe = manip.pipe

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from unclip_jax.peers import nchw_to_nhwc, tiny_unclip_pipeline  # noqa: E402
+from peers import nchw_to_nhwc, tiny_unclip_pipeline  # noqa: E402
 
 STEPS = dict(prior=5, decoder=6, super_res=3)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from unclip_jax.data import analyse as A
+from unclip_jax.shapes_demo import analyse as A
 from unclip_jax.data import shapes as S
 from unclip_jax.data import shapes_tfds as T
 
@@ -304,7 +304,7 @@ def test_as_numpy():
 
 
 def test_imports_stay_light():
-    code = ("import sys, unclip_jax.data.shapes, unclip_jax.data.analyse, "
+    code = ("import sys, unclip_jax.data.shapes, unclip_jax.shapes_demo.analyse, "
             "unclip_jax.data.shapes_tfds; "
             "bad = [m for m in ('tensorflow', 'tensorflow_datasets', 'jax') if m in sys.modules]; "
             "assert not bad, bad")

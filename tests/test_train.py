@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from unclip_jax.train.config import load_config
-from unclip_jax.train.trainer import train
+from unclip_jax.stages import train_stage as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,7 +86,7 @@ import jax, numpy as np
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 from unclip_jax.train.config import load_config
-from unclip_jax.train.trainer import train
+from unclip_jax.stages import train_stage as train
 cfg = load_config(sys.argv[3], json.loads(sys.argv[4]))
 res = train(cfg, sys.argv[5], progress=False)
 params = jax.tree.map(lambda a: np.asarray(jax.experimental.multihost_utils.process_allgather(a, tiled=True)), res.state.params)
@@ -211,16 +211,14 @@ def test_workdir_of_another_config_is_refused(tmp_path):
 
 def test_stage_record_keeps_paths_absolute(tmp_path, monkeypatch):
     """A stage trained with relative tokenizer / CLIP paths loads from any directory later."""
-    import types
-
     import ml_collections
 
-    from unclip_jax.train.trainer import _stage_record
+    from unclip_jax.workdir import StageRecord
 
     monkeypatch.chdir(tmp_path)
     cfg = ml_collections.ConfigDict({"tokenizer": "w/tokenizer", "clip_dir": "gs://b/clip",
                                      "seed": 0})
-    stage = types.SimpleNamespace(name="prior", model_config=lambda: {"d": 1})
-    rec = _stage_record(stage, cfg)
-    assert rec["train"]["tokenizer"] == os.path.join(str(tmp_path), "w", "tokenizer")
-    assert rec["train"]["clip_dir"] == "gs://b/clip" and rec["model"] == {"d": 1}
+    rec = StageRecord("clip", {"d": 1}, paths={"tokenizer": cfg.tokenizer,
+                                               "clip_dir": cfg.clip_dir})
+    assert rec.paths["tokenizer"] == os.path.join(str(tmp_path), "w", "tokenizer")
+    assert rec.paths["clip_dir"] == "gs://b/clip" and rec.model == {"d": 1}

@@ -50,11 +50,13 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from unclip_jax.stages import build_stage
     from unclip_jax.train.config import load_config
     from unclip_jax.train.trainer import train
 
     config = load_config(args.config, args.overrides)
-    res = train(config, args.workdir, stop_at_step=args.stop_at, progress=not args.quiet)
+    res = train(build_stage(config, args.workdir), config, args.workdir,
+                stop_at_step=args.stop_at, progress=not args.quiet)
     last = res.history[-1] if res.history else {}
     print(f"[{config.stage}] step {res.step}/{config.total_steps}"
           + (f", loss {last['loss']:.4f}" if "loss" in last else "")
@@ -65,9 +67,9 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     import os
 
-    from unclip_jax.evaluate import evaluate, write_json
+    from unclip_jax.shapes_demo.evaluate import evaluate, write_json
     from unclip_jax.pipeline import UnCLIPPipeline
-    from unclip_jax.report import write_report
+    from unclip_jax.shapes_demo.report import write_report
 
     pipe = UnCLIPPipeline.from_workdir(args.workdir, progress=False)
     res = evaluate(pipe, n_single=args.single, n_two=args.two, n_heldout=args.heldout,
@@ -93,7 +95,7 @@ def _manipulator(args):
 
 
 def _cmd_variations(args) -> int:
-    from unclip_jax.manipulate import load_image
+    from unclip_jax.images import load_image
     from unclip_jax.viz import save_grid
 
     img = load_image(args.image)
@@ -106,7 +108,7 @@ def _cmd_variations(args) -> int:
 
 
 def _cmd_interpolate(args) -> int:
-    from unclip_jax.manipulate import load_image
+    from unclip_jax.images import load_image
     from unclip_jax.viz import save_grid
 
     a, b = load_image(args.image_a), load_image(args.image_b)
@@ -119,7 +121,7 @@ def _cmd_interpolate(args) -> int:
 
 
 def _cmd_textdiff(args) -> int:
-    from unclip_jax.manipulate import load_image
+    from unclip_jax.images import load_image
     from unclip_jax.viz import save_grid
 
     _check_prompts([args.to, getattr(args, "from")])
@@ -134,13 +136,13 @@ def _cmd_textdiff(args) -> int:
 
 
 def _fit(img, size):
-    from unclip_jax.manipulate import _resize
+    from unclip_jax.images import center_crop_resize
 
-    return _resize(img, size)
+    return center_crop_resize(img, size)
 
 
 def _cmd_demo(args) -> int:
-    from unclip_jax.demo import run_demo
+    from unclip_jax.shapes_demo.run import run_demo
 
     run_demo(args.workdir, seed=args.seed)
     return 0
@@ -224,10 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from unclip_jax.train.config import split_overrides
+
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
-    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(rest)
     args.overrides = overrides
     try:
         return args.func(args)

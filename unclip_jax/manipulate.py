@@ -12,36 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.stages.conditioning import clip_pixels
-
-
-def load_image(path: str) -> np.ndarray:
-    """An image file -> uint8 RGB [H, W, 3] (any mode converted); a clear error otherwise."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "P"):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
-                im = Image.alpha_composite(bg, im)
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such image file: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path} is not an image Pillow can read ({type(e).__name__})") from None
-
-
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
-    if img.shape[0] == size and img.shape[1] == size:
-        return img
-    h, w = img.shape[:2]
-    s = min(h, w)  # centre crop to a square, then resize
-    img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+from unclip_jax.images import center_crop_resize, to_uint8
 
 
 def slerp(a, b, t):
@@ -64,16 +35,13 @@ class Manipulator:
             raise ValueError("manipulations need the CLIP image tower: use "
                              "UnCLIPPipeline.from_workdir")
         self.pipe, self.steps, self.guidance = pipe, steps, guidance
-        clip = pipe.clip
-        size = clip.vision_config.image_size
-        self._embed = jax.jit(lambda p, x: clip.encode_image(p, clip_pixels(x, size)))
         self.size = pipe.decoder.config.unet.sample_size
 
     def embed(self, images_u8) -> jax.Array:
-        return self._embed(self.pipe.clip.vision_params, jnp.asarray(images_u8))
+        return jnp.asarray(self.pipe.clip.embed_images(images_u8))
 
     def _x0(self, images_u8):
-        small = np.stack([_resize(im, self.size) for im in images_u8])
+        small = np.stack([center_crop_resize(im, self.size) for im in images_u8])
         return jnp.asarray(small, jnp.float32) / 127.5 - 1.0
 
     def _null_text(self, n):
@@ -97,7 +65,7 @@ class Manipulator:
             out = self.pipe.sample_super_res(low, rng=jax.random.key(seed + 1))
         else:
             out = low * 0.5 + 0.5
-        return np.asarray(np.round(np.clip(np.asarray(out), 0, 1) * 255), np.uint8)
+        return to_uint8(out)
 
     # ---------------------------------------------------------------------------------------
     def variations(self, image_u8, n: int = 4, eta: float = 1.0, seed: int = 0, upsample=True):
@@ -113,8 +81,8 @@ class Manipulator:
             raise ValueError(f"noise must be 'interpolate' or 'fixed', got {noise!r}")
         if steps < 2:
             raise ValueError("interpolation needs at least 2 steps")
-        imgs = np.stack([_resize(image_a, max(image_a.shape[:2])),
-                         _resize(image_b, max(image_a.shape[:2]))])
+        imgs = np.stack([center_crop_resize(image_a, max(image_a.shape[:2])),
+                         center_crop_resize(image_b, max(image_a.shape[:2]))])
         emb = self.embed(imgs)
         ts = jnp.linspace(0.0, 1.0, steps)[:, None]
         z = slerp(emb[0][None], emb[1][None], ts)
@@ -144,14 +112,13 @@ class Manipulator:
 
 def rerank(pipe, prompts, candidates: int, *, seed: int = 0, **gen_kw) -> np.ndarray:
     """Generate `candidates` images per prompt and keep each prompt's best by CLIP score."""
-    from unclip_jax.evaluate import Evaluator
-
+    if getattr(pipe, "clip", None) is None:
+        raise ValueError("reranking needs the CLIP image tower: use UnCLIPPipeline.from_workdir")
     if candidates < 1:
         raise ValueError(f"--rerank needs a positive number of candidates, got {candidates}")
     imgs = pipe.generate(prompts, seed=seed, num_images_per_prompt=candidates, **gen_kw)
-    ev = Evaluator(pipe)
-    ie = np.asarray(ev.image_embeds(imgs), np.float64)
-    te = np.asarray(ev.text_embeds(list(prompts)), np.float64)
+    ie = np.asarray(pipe.clip.embed_images(imgs), np.float64)
+    te = np.asarray(pipe.encode_text(list(prompts))["text_embed"], np.float64)
     ie /= np.linalg.norm(ie, axis=-1, keepdims=True)
     te /= np.linalg.norm(te, axis=-1, keepdims=True)
     scores = np.sum(ie.reshape(len(prompts), candidates, -1) * te[:, None], -1)

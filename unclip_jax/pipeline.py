@@ -16,17 +16,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.convert.diffusers_pipeline import StageSampling, load_components
-from unclip_jax.diffusion import GaussianDiffusion, Sampler, SamplingConfig
+from unclip_jax.convert.diffusers_pipeline import load_components
+from unclip_jax.diffusion import GaussianDiffusion, Sampler, StageSampling
+from unclip_jax.images import to_uint8
+from unclip_jax.models import decoder as decoder_lib
+from unclip_jax.models import prior as prior_lib
 from unclip_jax.models.clip import CLIPTextModelWithProjection
-from unclip_jax.models.prior import PriorTransformer, denormalize_embedding
-from unclip_jax.models.decoder import Decoder
-from unclip_jax.models.unet import UNet, upsample_input
+from unclip_jax.models.prior import denormalize_embedding
+from unclip_jax.models.unet import super_res_denoiser, upsample_input
+
+#: the decoder's guidance scale when neither the call nor the stage names one (Karlo's)
+DEFAULT_DECODER_GUIDANCE = 8.0
 
 
 @dataclasses.dataclass
-class Stage:
-    """A diffusion model with its params and how to sample it."""
+class Component:
+    """A diffusion model of the pipeline: its config, its params and how to sample it."""
 
     config: Any
     params: Any
@@ -95,8 +100,9 @@ class UnCLIPPipeline:
     uses cuDNN's fused attention on NVIDIA GPUs (bf16/fp16 only).
     """
 
-    def __init__(self, tokenizer, text_encoder: tuple[Any, Any], prior: Stage, decoder: Stage,
-                 super_res_first: Stage | None, super_res_last: Stage | None = None, *,
+    def __init__(self, tokenizer, text_encoder: tuple[Any, Any], prior: Component,
+                 decoder: Component, super_res_first: Component | None,
+                 super_res_last: Component | None = None, *,
                  prior_candidates: int = 2, progress: bool = True, dtype: str | None = None,
                  attention_impl: str | None = None, data_parallel: bool = False):
         if dtype is not None and dtype not in COMPUTE_DTYPES:
@@ -108,7 +114,7 @@ class UnCLIPPipeline:
             if stage is None:
                 return None
             cfg, params = _with_compute(stage.config, stage.params, dtype, attention_impl)
-            return Stage(cfg, params, stage.sampling)
+            return Component(cfg, params, stage.sampling)
 
         text_encoder = _with_compute(*text_encoder, dtype, attention_impl)
         prior, decoder = cast(prior), cast(decoder)
@@ -131,19 +137,15 @@ class UnCLIPPipeline:
         # model functions are built once, so each sampler's jitted loop compiles once
         text_model = CLIPTextModelWithProjection(self.text_config)
         self._encode = jax.jit(lambda p, ids: text_model.apply({"params": p}, ids))
-        prior_model = PriorTransformer(prior.config)
-        decoder_model = Decoder(decoder.config)
-        self._prior_fn = lambda p, x, t, c: prior_model.apply(
-            {"params": p}, x, t, c["text_embed"], c["text_hidden"], c["text_mask"])
-        self._decoder_fn = lambda p, x, t, c: decoder_model.apply(
-            {"params": p}, x, t, c["image_embed"], c["text_embed"], c["text_hidden"],
-            c["text_mask"], null_image=c["null_image"])
+        self._prior_fn = prior_lib.denoiser(prior.config)
+        self._decoder_fn = decoder_lib.denoiser(decoder.config)
         dec_diffusion = GaussianDiffusion(decoder.sampling.diffusion)
         self._decoder_x0 = jax.jit(lambda p, x, t, c: dec_diffusion.p_mean_variance(
             self._decoder_fn(p, x, t, c), x, t, clip_x0=decoder.sampling.clip_x0)["x0"])
-        first = UNet(super_res_first.config) if super_res_first is not None else None
-        last = UNet(super_res_last.config) if super_res_last is not None else None
-        self._sr_first_model, self._sr_last_model = first, last
+        self._sr_first_fn = (super_res_denoiser(super_res_first.config)
+                             if super_res_first is not None else None)
+        self._sr_last_fn = (super_res_denoiser(super_res_last.config)
+                            if super_res_last is not None else None)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -153,60 +155,25 @@ class UnCLIPPipeline:
         last = c["super_res_last"]
         return cls(
             c["tokenizer"], c["text_encoder"],
-            Stage(*c["prior"], c["prior_sampling"]),
-            Stage(*c["decoder"], c["decoder_sampling"]),
-            Stage(*c["super_res_first"], c["super_res_sampling"]),
-            Stage(*last, c["super_res_sampling"]) if last is not None else None, **kw)
+            Component(*c["prior"], c["prior_sampling"]),
+            Component(*c["decoder"], c["decoder_sampling"]),
+            Component(*c["super_res_first"], c["super_res_sampling"]),
+            Component(*last, c["super_res_sampling"]) if last is not None else None, **kw)
 
     @classmethod
     def from_workdir(cls, workdir: str, *, upsampler: bool = True, **kw) -> "UnCLIPPipeline":
-        """Build from stages trained here: WORKDIR/{clip,prior,decoder,upsampler}/ (EMA params).
+        """Build from stages trained here: WORKDIR/{clip,prior,decoder,upsampler}/ (EMA params),
+        each sampled as its stage record says (`unclip_jax.workdir`).
 
         The CLIP vision tower is kept as `pipe.clip` (for evaluation and image manipulations).
         """
-        import os
+        from unclip_jax.workdir import load_stack
 
-        from unclip_jax.data.tokenizer import load_tokenizer
-        from unclip_jax.diffusion import DiffusionConfig
-        from unclip_jax.models.prior import PriorConfig
-        from unclip_jax.models.decoder import DecoderConfig
-        from unclip_jax.models.unet import UNetConfig
-        from unclip_jax.stages.conditioning import load_frozen_clip
-        from unclip_jax.train.checkpoint import load_trained
-
-        def need(stage):
-            path = os.path.join(workdir, stage)
-            if not os.path.isdir(os.path.join(path, "checkpoints")):
-                raise FileNotFoundError(
-                    f"{workdir} has no trained {stage} stage: train it with `unclip-jax train "
-                    f"--config configs/{stage}.py:size=... --workdir {workdir}`")
-            return load_trained(path)
-
-        clip = load_frozen_clip(os.path.join(workdir, "clip")) if os.path.isdir(
-            os.path.join(workdir, "clip", "checkpoints")) else None
-        if clip is None:
-            need("clip")
-        if not clip.tokenizer_path:
-            raise ValueError(f"the CLIP stage in {workdir} records no tokenizer")
-        def sampling(cfg, clip_x0):  # the stage config's `sampling` block, where it has one
-            s = dict(cfg.get("train", {}).get("sampling") or {})
-            return StageSampling(DiffusionConfig.from_dict(cfg["model"]["diffusion"]), clip_x0,
-                                 method=s.get("method", "ddpm"), eta=float(s.get("eta", 0.0)),
-                                 guidance=s.get("guidance"))
-
-        cfg, params, _ = need("prior")
-        prior = Stage(PriorConfig.from_dict(cfg["model"]["prior"]), params,
-                      sampling(cfg, cfg["model"].get("clip_x0")))
-        cfg, params, _ = need("decoder")
-        decoder = Stage(DecoderConfig.from_dict(cfg["model"]["decoder"]), params,
-                        sampling(cfg, 1.0))
-        sr = None
-        if upsampler:
-            cfg, params, _ = need("upsampler")
-            sr = Stage(UNetConfig.from_dict(cfg["model"]["unet"]), params, sampling(cfg, 1.0))
-        pipe = cls(load_tokenizer(clip.tokenizer_path), (clip.text_config, clip.text_params),
-                   prior, decoder, sr, **kw)
-        pipe.clip = clip
+        st = load_stack(workdir, upsampler=upsampler)
+        part = lambda s: Component(s.config, s.params, s.sampling)  # noqa: E731
+        pipe = cls(st.tokenizer, (st.clip.text_config, st.clip.text_params), part(st.prior),
+                   part(st.decoder), part(st.upsampler) if st.upsampler else None, **kw)
+        pipe.clip = st.clip
         return pipe
 
     @property
@@ -220,7 +187,7 @@ class UnCLIPPipeline:
         """The decoder's guidance scale when none is given: what its stage records, else 8
         (Karlo's)."""
         g = self.decoder.sampling.guidance
-        return 8.0 if g is None else float(g)
+        return DEFAULT_DECODER_GUIDANCE if g is None else float(g)
 
     # ------------------------------------------------------------------ pieces
     def _sampler(self, stage: str, steps: int, coefficient_dtype: str, method: str | None = None,
@@ -228,22 +195,15 @@ class UnCLIPPipeline:
         """The stage's sampler; method / eta None: the stage's defaults (StageSampling)."""
         st = {"prior": self.prior, "decoder": self.decoder,
               "super_res": self.super_res_first}[stage]
-        method = st.sampling.method if method is None else method
-        eta = st.sampling.eta if eta is None else float(eta)
         key = (stage, steps, coefficient_dtype, method, eta, clip)
         if key not in self._samplers:
-            scfg = SamplingConfig(method=method, eta=eta, steps=steps, spacing="even",
-                                  clip_x0=st.sampling.clip_x0 if clip else None,
-                                  coefficient_dtype=coefficient_dtype)
-            if stage == "prior":
-                fn = self._prior_fn
-            elif stage == "decoder":
-                fn = self._decoder_fn
-            else:
-                fn = self._super_res_fn(int(Sampler(lambda *a: None, st.sampling.diffusion,
-                                                    scfg).timesteps[-1]))
-            self._samplers[key] = Sampler(fn, st.sampling.diffusion, scfg,
-                                          progress=stage if self.progress else False)
+            fn = {"prior": self._prior_fn, "decoder": self._decoder_fn}.get(stage)
+            if fn is None:
+                last_t = int(Sampler.for_stage(None, st.sampling, steps).timesteps[-1])
+                fn = self._super_res_fn(last_t)
+            self._samplers[key] = Sampler.for_stage(
+                fn, st.sampling, steps, method=method, eta=eta, clip=clip,
+                coefficient_dtype=coefficient_dtype, progress=stage if self.progress else False)
         return self._samplers[key]
 
     def _run(self, name: str, sampler: Sampler, params, x, cond, uncond=None, **kw):
@@ -266,16 +226,14 @@ class UnCLIPPipeline:
         return sampler(self._replicated[name], put(x), put(cond), put(uncond), **kw)
 
     def _super_res_fn(self, last_t: int):
-        first, last = self._sr_first_model, self._sr_last_model
+        first, last = self._sr_first_fn, self._sr_last_fn
+        if last is None:
+            return lambda params, x, t, c: first(params["first"], x, t, c)
 
         def fn(params, x, t, c):
-            inp = jnp.concatenate([x, c["low_res"]], axis=-1)
-            if last is None:
-                return first.apply({"params": params["first"]}, inp, t)
             # diffusers/Karlo: super_res_last takes the final step, super_res_first the others
-            return jax.lax.cond(t[0] == last_t,
-                                lambda: last.apply({"params": params["last"]}, inp, t),
-                                lambda: first.apply({"params": params["first"]}, inp, t))
+            return jax.lax.cond(t[0] == last_t, lambda: last(params["last"], x, t, c),
+                                lambda: first(params["first"], x, t, c))
         return fn
 
     def encode_text(self, prompts: Sequence[str]):
@@ -312,7 +270,7 @@ class UnCLIPPipeline:
                           "non-finite pixels (shown black): the weights overflow somewhere",
                           RuntimeWarning, stacklevel=2)
             images = np.where(bad, 0.0, images)
-        return np.asarray(np.round(images * 255.0), np.uint8)
+        return to_uint8(images)
 
     def generate_float(self, prompts, *, seed: int = 0, prior_steps: int = 25,
                        decoder_steps: int = 25, super_res_steps: int = 7,
@@ -394,11 +352,7 @@ class UnCLIPPipeline:
         return _pick_closest(z.reshape(n, k, -1), cond["text_embed"]) if k > 1 else z
 
     def _decoder_inputs(self, image_embeds, cond, uncond):
-        n = image_embeds.shape[0]
-        dc = dict(cond, image_embed=image_embeds, null_image=jnp.zeros((n,), bool))
-        du = None if uncond is None else dict(uncond, image_embed=image_embeds,
-                                              null_image=jnp.ones((n,), bool))
-        return dc, du
+        return decoder_lib.guided_cond(image_embeds, cond, uncond)
 
     def sample_decoder(self, image_embeds, cond, uncond=None, *, steps: int = 25,
                        guidance: float | None = None, rng=None, latents=None, noise=None,
@@ -440,7 +394,9 @@ class UnCLIPPipeline:
 
     def sample_super_res(self, low_res, *, steps: int = 7, rng=None, latents=None, noise=None,
                          coefficient_dtype: str = "float64"):
-        """Upsample decoder images [N, h, w, 3] in [-1, 1] -> images [N, H, W, 3] in [0, 1]."""
+        """Upsample decoder images [N, h, w, 3] in [-1, 1] -> images [N, H, W, 3] in [0, 1].
+        An upsampler trained with noise augmentation sees its input noised to the level its stage
+        records (noise from fold_in(rng, 2)) and that level as conditioning."""
         scfg = self.super_res_first.config
         size = scfg.sample_size
         n = low_res.shape[0]
@@ -451,8 +407,20 @@ class UnCLIPPipeline:
         params = {"first": self.super_res_first.params}
         if self.super_res_last is not None:
             params["last"] = self.super_res_last.params
-        up = upsample_input(low_res, size, "bicubic")
-        x = self._run("super_res", sampler, params, x, {"low_res": up},
+        cond = {}
+        if any(c is not None and c.config.noise_level_cond
+               for c in (self.super_res_first, self.super_res_last)):
+            # trained with noise augmentation: the low-res input noised to the recorded level,
+            # which the network is told (Imagen's / the paper's conditioning augmentation)
+            level = int(self.super_res_first.sampling.noise_level)
+            if level:
+                diffusion = GaussianDiffusion(self.super_res_first.sampling.diffusion)
+                low_res = diffusion.q_sample(
+                    low_res, jnp.full((n,), level, jnp.int32),
+                    jax.random.normal(jax.random.fold_in(rng, 2), low_res.shape))
+            cond["noise_level"] = jnp.full((n,), level, jnp.int32)
+        cond["low_res"] = upsample_input(low_res, size, "bicubic")
+        x = self._run("super_res", sampler, params, x, cond,
                       rng=jax.random.fold_in(rng, 1), noise=noise)
         return jnp.clip(x * 0.5 + 0.5, 0.0, 1.0)
 

@@ -7,17 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-
-def to_uint8(images) -> np.ndarray:
-    """Float images in [0, 1] (or uint8) -> uint8 [N, H, W, 3]."""
-    a = np.asarray(images)
-    if a.dtype != np.uint8:
-        a = np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
-    if a.ndim == 3:
-        a = a[None]
-    if a.shape[-1] == 1:
-        a = np.repeat(a, 3, axis=-1)
-    return a
+from unclip_jax.images import to_uint8
 
 
 def make_grid(images, captions: Sequence[str] | None = None, cols: int | None = None,

@@ -3,12 +3,11 @@ our configs and params: text encoder, tokenizer, prior (+ clip_mean/clip_std), t
 decoder, super_res_first, super_res_last and the three scheduler configs."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any
 
-from unclip_jax.diffusion import DiffusionConfig
+from unclip_jax.diffusion import DiffusionConfig, StageSampling
 
 PIPELINE_CLASSES = ("UnCLIPPipeline",)
 COMPONENTS = ("tokenizer", "text_encoder", "prior", "prior_scheduler", "text_proj", "decoder",
@@ -17,19 +16,6 @@ COMPONENTS = ("tokenizer", "text_encoder", "prior", "prior_scheduler", "text_pro
 
 class NotAPipelineError(ValueError):
     """The directory is not a diffusers UnCLIP pipeline."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StageSampling:
-    """How a stage is sampled by default: the diffusion the model was trained with, the x0 clip
-    range, the sampler ("ddpm" ancestral, as diffusers' UnCLIPScheduler, or "ddim" with `eta`)
-    and, for the decoder, the classifier-free guidance scale (None: the pipeline's default)."""
-
-    diffusion: DiffusionConfig
-    clip_x0: float | None
-    method: str = "ddpm"
-    eta: float = 0.0
-    guidance: float | None = None
 
 
 def scheduler_to_diffusion(cfg: dict[str, Any]) -> StageSampling:

@@ -3,7 +3,7 @@
 Nothing is downloaded: every image is rendered from a small symbolic :class:`Scene` (one to three
 flat-coloured shapes on a plain background, each centred in one cell of a 3x3 grid), and every
 caption is generated from the same scene, so captions are true by construction and an image can be
-checked against its prompt by :mod:`unclip_jax.data.analyse`.
+checked against its prompt by :mod:`unclip_jax.shapes_demo.analyse`.
 
 Vocabulary (all exported as module-level constants)::
 
@@ -267,18 +267,10 @@ def render(scene, image_size: int = 64, supersample: int = 4) -> np.ndarray:
 
 
 def resize(image: np.ndarray, image_size: int, resample: str = "box") -> np.ndarray:
-    """Resize a uint8 HxWx3 image with Pillow (``resample`` in 'box', 'bilinear', 'bicubic',
-    'nearest', 'lanczos')."""
-    from PIL import Image
+    """Resize a uint8 HxWx3 image (:func:`unclip_jax.images.resize`)."""
+    from unclip_jax.images import resize as _resize
 
-    filt = {
-        "box": Image.Resampling.BOX,
-        "bilinear": Image.Resampling.BILINEAR,
-        "bicubic": Image.Resampling.BICUBIC,
-        "nearest": Image.Resampling.NEAREST,
-        "lanczos": Image.Resampling.LANCZOS,
-    }[resample]
-    return np.asarray(Image.fromarray(np.asarray(image, np.uint8)).resize((image_size, image_size), filt))
+    return _resize(image, image_size, resample)
 
 
 # --------------------------------------------------------------------------------------------

@@ -279,3 +279,41 @@ class GaussianDiffusion:
             aux["vb"] = vb
             loss = mse + vlb_weight * self.num_steps * vb
         return loss, aux
+
+    def training_loss(self, model_fn, params, x0, cond, rng, *, with_output: bool = False,
+                      **loss_kw):
+        """The diffusion training loss of a denoiser, for every model that trains here.
+
+        Draws t ~ U{0, ..., T-1} and Gaussian noise per example, noises `x0` to x_t and calls
+        `model_fn(params, x_t, t, cond, train=True, rng=dropout_key)` (the models' `denoiser`
+        adapters). `rng` is a key, or an array of three keys (timestep, noise, dropout).
+        `loss_kw` are :meth:`loss`'s options (see :func:`loss_options`).
+        Returns (per-example loss [B], aux dict of per-example terms), and the model's output
+        too with `with_output`.
+        """
+        typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+        keys = rng if rng.ndim == (1 if typed else 2) else jax.random.split(rng, 3)
+        k_t, k_noise, k_dropout = keys[0], keys[1], keys[2]
+        t = jax.random.randint(k_t, (x0.shape[0],), 0, self.num_steps)
+        noise = jax.random.normal(k_noise, x0.shape)
+        out = model_fn(params, self.q_sample(x0, t, noise), t, cond, train=True, rng=k_dropout)
+        loss, aux = self.loss(out, x0, noise, t, **loss_kw)
+        return (loss, aux, out) if with_output else (loss, aux)
+
+
+#: config `loss` block key -> :meth:`GaussianDiffusion.loss` keyword
+_LOSS_OPTIONS = {"type": "loss_type", "vlb_weight": "vlb_weight", "p2_gamma": "p2_gamma",
+                 "p2_k": "p2_k", "min_snr_gamma": "min_snr_gamma", "snr_floor": "snr_floor"}
+
+
+def loss_options(loss_cfg) -> dict:
+    """A stage config's `loss` block (dict or ConfigDict; None: the defaults) -> the keyword
+    arguments of :meth:`GaussianDiffusion.loss`. An unknown key is an error."""
+    if loss_cfg is None:
+        return {}
+    d = loss_cfg.to_dict() if hasattr(loss_cfg, "to_dict") else dict(loss_cfg)
+    unknown = sorted(set(d) - set(_LOSS_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown loss options {unknown}; expected some of {sorted(_LOSS_OPTIONS)}")
+    return {_LOSS_OPTIONS[k]: (str(v) if k == "type" else float(v)) for k, v in d.items()}
+

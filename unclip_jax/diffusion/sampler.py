@@ -70,6 +70,40 @@ class SamplingConfig:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class StageSampling:
+    """How a trained model is sampled by default: the diffusion it was trained with, the x0 clip
+    range, the sampler ("ddpm" ancestral, as diffusers' UnCLIPScheduler, or "ddim" with `eta`),
+    the classifier-free guidance scale (None: the caller's default) and, for an upsampler trained
+    with noise augmentation, the noise level its low-resolution input is noised to (0: none)."""
+
+    diffusion: DiffusionConfig
+    clip_x0: float | None = 1.0
+    method: str = "ddpm"
+    eta: float = 0.0
+    guidance: float | None = None
+    noise_level: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown sampling method {self.method!r}; expected one of {METHODS}")
+        if isinstance(self.diffusion, dict):
+            object.__setattr__(self, "diffusion", DiffusionConfig.from_dict(self.diffusion))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["diffusion"] = self.diffusion.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageSampling":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown sampling keys {unknown}; expected some of {sorted(names)}")
+        return cls(**d)
+
+
 class StepPlan(NamedTuple):
     """Per-step arrays (leading axis = step) driving the scan."""
 
@@ -290,6 +324,20 @@ class Sampler:
         self.latent_sharding = latent_sharding
         self._loop = _jitted_loop_donating if donate else _jitted_loop
         self._bar = None
+
+    @classmethod
+    def for_stage(cls, model_fn: ModelFn, stage: StageSampling, steps: int, *,
+                  method: str | None = None, eta: float | None = None, clip: bool = True,
+                  coefficient_dtype: str = "float64", progress: str | bool = False
+                  ) -> "Sampler":
+        """The sampler of a trained model as its `StageSampling` says (method, eta and x0 clip
+        range; `method` / `eta` override them, `clip=False` turns clipping off), over `steps`
+        evenly spaced timesteps."""
+        scfg = SamplingConfig(method=stage.method if method is None else method,
+                              eta=stage.eta if eta is None else float(eta), steps=steps,
+                              spacing="even", clip_x0=stage.clip_x0 if clip else None,
+                              coefficient_dtype=coefficient_dtype)
+        return cls(model_fn, stage.diffusion, scfg, progress=progress)
 
     @property
     def timesteps(self) -> np.ndarray:

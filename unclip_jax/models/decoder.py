@@ -108,3 +108,31 @@ def decoder_init_inputs(config: DecoderConfig, batch: int = 1, size: int | None 
             jnp.zeros((batch, config.clip_embed_dim), jnp.float32),
             jnp.zeros((batch, text_len, config.text_dim), jnp.float32),
             jnp.ones((batch, text_len), bool))
+
+
+def denoiser(config: DecoderConfig):
+    """The decoder as the sampler's and the loss's model function:
+    ``fn(params, x_t [B, h, w, 3], t [B], cond, *, train=False, rng=None)`` with ``cond`` =
+    dict(image_embed [B, E], text_embed [B, E], text_hidden [B, L, T], text_mask [B, L] bool,
+    null_image [B] bool -- True: the learned null image embedding, classifier-free guidance's
+    unconditional branch); ``rng`` drives dropout."""
+    model = Decoder(config)
+
+    def fn(params, x_t, t, cond, *, train: bool = False, rng=None):
+        return model.apply({"params": params}, x_t, t, cond["image_embed"], cond["text_embed"],
+                           cond["text_hidden"], cond["text_mask"], null_image=cond["null_image"],
+                           train=train, rngs=None if rng is None else {"dropout": rng})
+    return fn
+
+
+def guided_cond(image_embed, text: dict, null_text: dict | None):
+    """The decoder's (cond, uncond) for classifier-free guidance, as the pipeline and the training
+    preview sample it: cond = the image embedding with its text; uncond = the learned null image
+    embedding with the empty prompt's text (None when `null_text` is None: unguided).
+    `text` / `null_text`: dict(text_embed, text_hidden, text_mask) with a batch axis."""
+    n = image_embed.shape[0]
+    cond = dict(text, image_embed=image_embed, null_image=jnp.zeros((n,), bool))
+    uncond = None if null_text is None else dict(null_text, image_embed=image_embed,
+                                                 null_image=jnp.ones((n,), bool))
+    return cond, uncond
+

@@ -456,3 +456,16 @@ def init_params(config: PriorConfig, rng=None, batch_size: int = 1):
     else:
         variables = model.init(rng, *args)
     return nn.meta.unbox(variables)["params"]
+
+
+def denoiser(config: PriorConfig):
+    """The prior as the sampler's and the loss's model function:
+    ``fn(params, x_t [B, D], t [B], cond, *, train=False, rng=None)`` with ``cond`` =
+    dict(text_embed [B, E], text_hidden [B, L, H], text_mask [B, L] bool); ``rng`` drives dropout."""
+    model = PriorTransformer(config)
+
+    def fn(params, x_t, t, cond, *, train: bool = False, rng=None):
+        return model.apply({"params": params}, x_t, t, cond["text_embed"], cond["text_hidden"],
+                           cond["text_mask"], train=train,
+                           rngs=None if rng is None else {"dropout": rng})
+    return fn

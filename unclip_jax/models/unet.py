@@ -563,3 +563,23 @@ def upsample_input(low_res: jax.Array, size: int | Sequence[int], method: str = 
         raise ValueError(f"unknown resize method {method!r}")
     out = jax.image.resize(low_res.astype(jnp.float32), shape, method=method, antialias=True)
     return out.astype(low_res.dtype)
+
+
+def super_res_denoiser(config: UNetConfig):
+    """An upsampler UNet as the sampler's and the loss's model function:
+    ``fn(params, x_t [B, H, W, 3], t [B], cond, *, train=False, rng=None)`` with ``cond`` =
+    dict(low_res [B, H, W, 3] (the low-resolution image already resized to H x W, in [-1, 1]),
+    and, for a UNet with noise_level_cond, noise_level [B] int: the augmentation level of low_res).
+    The network sees [x_t, low_res] concatenated on channels."""
+    model = UNet(config)
+
+    def fn(params, x_t, t, cond, *, train: bool = False, rng=None):
+        kw = {}
+        if config.noise_level_cond:
+            if cond.get("noise_level") is None:
+                raise ValueError("this upsampler is conditioned on a noise-augmentation level: "
+                                 "cond needs noise_level [B]")
+            kw["noise_level"] = cond["noise_level"]
+        return model.apply({"params": params}, jnp.concatenate([x_t, cond["low_res"]], axis=-1),
+                           t, train=train, rngs=None if rng is None else {"dropout": rng}, **kw)
+    return fn

@@ -2,15 +2,15 @@
 global batch (the jitted step sees the whole sharded batch)."""
 from __future__ import annotations
 
-from typing import Any
-
 import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.data.sources import image_text_batches
+from unclip_jax.images import clip_pixels
 from unclip_jax.models.clip import CLIPConfig, CLIPModel, clip_loss
-from unclip_jax.stages.base import Stage
-from unclip_jax.stages.conditioning import clip_pixels, tokenize_captions
+from unclip_jax.stages.conditioning import tokenize_captions
+from unclip_jax.train.stage import Stage
+from unclip_jax.workdir import StageRecord
 
 
 class CLIPStage(Stage):
@@ -34,8 +34,9 @@ class CLIPStage(Stage):
     def model(self):
         return CLIPModel(self.cfg)
 
-    def model_config(self) -> dict[str, Any]:
-        return self.cfg.to_dict()
+    def record(self) -> StageRecord:
+        return StageRecord("clip", self.cfg.to_dict(), None,
+                           paths={"tokenizer": self.config.tokenizer}, train=self.config_json())
 
     def init_variables(self, rng, batch):
         pixels = clip_pixels(jnp.asarray(batch["image"]), self.cfg.vision.image_size)

@@ -3,16 +3,18 @@ embedding is replaced by the learned null embedding 10% of the time and the capt
 prompt 50% of the time (the paper's recipe, for classifier-free guidance)."""
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.diffusion import DiffusionConfig, GaussianDiffusion
+from unclip_jax.diffusion import (
+    DiffusionConfig, GaussianDiffusion, Sampler, StageSampling, loss_options)
+from unclip_jax.images import to_model_range
+from unclip_jax.models import decoder as decoder_lib
 from unclip_jax.models.decoder import Decoder, DecoderConfig
-from unclip_jax.stages.base import Stage
-from unclip_jax.stages.conditioning import CLIPConditionedStage, drop, to_model_range
+from unclip_jax.stages.conditioning import CLIPConditionedStage, drop
+from unclip_jax.train.stage import Stage
+from unclip_jax.workdir import StageRecord
 
 
 class DecoderStage(CLIPConditionedStage, Stage):
@@ -24,12 +26,18 @@ class DecoderStage(CLIPConditionedStage, Stage):
         self.diffusion = GaussianDiffusion(DiffusionConfig.from_dict(config.diffusion.to_dict()))
         self._setup_clip(config, workdir, self.cfg.clip_embed_dim, "clip_embed_dim")
         self.size = int(self.cfg.unet.sample_size)
+        self._denoise = decoder_lib.denoiser(self.cfg)
+        self._loss_kw = loss_options(config.loss)
+        s = config.get("sampling") or {}
+        self.sampling = StageSampling(self.diffusion.config, 1.0, method=s.get("method", "ddpm"),
+                                      eta=float(s.get("eta", 0.0)), guidance=s.get("guidance"))
 
     def model(self):
         return Decoder(self.cfg)
 
-    def model_config(self) -> dict[str, Any]:
-        return {"decoder": self.cfg.to_dict(), "diffusion": self.diffusion.config.to_dict()}
+    def record(self) -> StageRecord:
+        return StageRecord("decoder", self.cfg.to_dict(), self.sampling, paths=self.paths(),
+                           train=self.config_json())
 
     def init_variables(self, rng, batch):
         b, E = batch["input_ids"].shape[0], self.cfg.clip_embed_dim
@@ -42,46 +50,45 @@ class DecoderStage(CLIPConditionedStage, Stage):
     def loss(self, params, batch, rng, frozen):
         image_emb, text, hidden = self.conditioning(frozen, batch)
         b = image_emb.shape[0]
-        k_img, k_txt, k_t, k_noise, k_dropout = jax.random.split(rng, 5)
-        text, hidden, mask = self.drop_text(frozen, k_txt, float(self.config.cond_drop.text),
+        keys = jax.random.split(rng, 5)  # image drop, text drop; then timestep, noise, dropout
+        text, hidden, mask = self.drop_text(frozen, keys[1], float(self.config.cond_drop.text),
                                             text, hidden, batch["text_mask"])
-        null_image = drop(k_img, float(self.config.cond_drop.image), b)
+        cond = dict(image_embed=image_emb, text_embed=text, text_hidden=hidden, text_mask=mask,
+                    null_image=drop(keys[0], float(self.config.cond_drop.image), b))
         x0 = to_model_range(batch["image"], self.size)
-        t = jax.random.randint(k_t, (b,), 0, self.diffusion.num_steps)
-        noise = jax.random.normal(k_noise, x0.shape)
-        x_t = self.diffusion.q_sample(x0, t, noise)
-        out = self.model().apply({"params": params}, x_t, t, image_emb, text, hidden, mask,
-                                 null_image=null_image, train=True, rngs={"dropout": k_dropout})
-        loss, aux = self.diffusion.loss(out, x0, noise, t, loss_type=self.config.loss.type,
-                                        vlb_weight=float(self.config.loss.vlb_weight),
-                                        p2_gamma=float(self.config.loss.p2_gamma),
-                                        min_snr_gamma=float(self.config.loss.get(
-                                            "min_snr_gamma", 0.0)),
-                                        snr_floor=float(self.config.loss.get("snr_floor", 0.0)))
+        loss, aux = self.diffusion.training_loss(self._denoise, params, x0, cond, keys[2:],
+                                                 **self._loss_kw)
         return jnp.mean(loss), {k: jnp.mean(v) for k, v in aux.items()}
 
-    def sample_images(self, params, frozen, rng, n: int = 8, steps: int = 25):
-        """Decoder samples for the first n images of the data (their CLIP embeddings and
-        captions), guided at 3, next to nothing else: a quick look at training progress."""
-        from unclip_jax.diffusion import Sampler, SamplingConfig
-
-        if not hasattr(self, "_look"):
+    def preview_batch(self, n: int = 8) -> dict:
+        """The first n examples of the data (seed 12345): what the training preview decodes."""
+        if getattr(self, "_look", None) is None or len(self._look["image"]) != n:
             batch, _ = next(self.batches(batch_size=n, seed=12345, start_step=0,
                                          process_index=0, process_count=1))
             self._look = {k: jnp.asarray(v) for k, v in batch.items()}
-            model = self.model()
-            self._look_fn = lambda p, x, t, c: model.apply(
-                {"params": p}, x, t, c["image"], c["text"], c["hidden"], c["mask"],
-                null_image=c["null"])
-            self._look_sampler = Sampler(self._look_fn, self.diffusion,
-                                         SamplingConfig(steps=steps))
-        b = self._look
+        return self._look
+
+    def sample_images(self, params, frozen, rng, n: int = 8, steps: int = 25):
+        """Decoder samples for the first n images of the data (their CLIP embeddings and
+        captions), sampled as the pipeline samples this decoder: its recorded method, eta and
+        guidance, the unconditional branch being the null image embedding with the empty prompt.
+        Latents from fold_in(rng, 0), the sampler's noise from fold_in(rng, 1)."""
+        if getattr(self, "_preview_sampler", None) is None:
+            self._preview_sampler = Sampler.for_stage(self._denoise, self.sampling, steps)
+        b = self.preview_batch(n)
         image, text, hidden = self.conditioning(frozen, b)
-        cond = dict(image=image, text=text, hidden=hidden, mask=b["text_mask"],
-                    null=jnp.zeros((n,), bool))
-        uncond = dict(cond, null=jnp.ones((n,), bool))
-        x = jax.random.normal(rng, (n, self.size, self.size, 3))
-        out = self._look_sampler(params, x, cond, uncond, rng=rng, guidance_scale=3.0)
+        null_text, null_hidden = self.clip.encode_text(frozen["text"], frozen["null_ids"])
+        guidance = 8.0 if self.sampling.guidance is None else float(self.sampling.guidance)
+        null = None
+        if guidance > 1.0:
+            null = dict(text_embed=jnp.broadcast_to(null_text, text.shape),
+                        text_hidden=jnp.broadcast_to(null_hidden, hidden.shape),
+                        text_mask=jnp.broadcast_to(frozen["null_mask"], b["text_mask"].shape))
+        cond, uncond = decoder_lib.guided_cond(
+            image, dict(text_embed=text, text_hidden=hidden, text_mask=b["text_mask"]), null)
+        x = jax.random.normal(jax.random.fold_in(rng, 0), (n, self.size, self.size, 3))
+        out = self._preview_sampler(params, x, cond, uncond, rng=jax.random.fold_in(rng, 1),
+                                    guidance_scale=guidance)
         return np.asarray(jnp.clip(out * 0.5 + 0.5, 0, 1))
 
 

@@ -10,6 +10,8 @@ import io
 
 import numpy as np
 
+from unclip_jax.images import resize
+
 DEGRADATIONS = ("none", "blur", "bsr")
 
 
@@ -17,14 +19,6 @@ def _pil(a):
     from PIL import Image
 
     return Image.fromarray(np.asarray(a, np.uint8))
-
-
-def resize(img: np.ndarray, size: int, method: str = "box") -> np.ndarray:
-    from PIL import Image
-
-    m = {"box": Image.BOX, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
-         "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}[method]
-    return np.asarray(_pil(img).resize((size, size), m))
 
 
 def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:

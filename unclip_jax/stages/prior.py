@@ -5,17 +5,16 @@ CLIP is frozen: the image and text embeddings are computed inside the step from 
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.diffusion import DiffusionConfig, GaussianDiffusion
+from unclip_jax.diffusion import DiffusionConfig, GaussianDiffusion, StageSampling
 from unclip_jax.models import prior as prior_lib
 from unclip_jax.models.prior import PriorConfig, PriorTransformer
-from unclip_jax.stages.base import Stage
 from unclip_jax.stages.conditioning import CLIPConditionedStage
+from unclip_jax.train.stage import Stage
+from unclip_jax.workdir import StageRecord
 
 
 class PriorStage(CLIPConditionedStage, Stage):
@@ -31,13 +30,16 @@ class PriorStage(CLIPConditionedStage, Stage):
         if self.cfg.num_text_tokens != self.L:
             raise ValueError(f"the prior's num_text_tokens {self.cfg.num_text_tokens} differs "
                              f"from CLIP's context length {self.L}")
+        self._denoise = prior_lib.denoiser(self.cfg)
 
     def model(self):
         return PriorTransformer(self.cfg)
 
-    def model_config(self) -> dict[str, Any]:
-        return {"prior": self.cfg.to_dict(), "diffusion": self.diffusion.config.to_dict(),
-                "clip_x0": self.cfg.clip_x0}
+    def record(self) -> StageRecord:
+        # the pipeline samples the prior with DDPM (Karlo's), clipping x0 at the model's range
+        sampling = StageSampling(self.diffusion.config, self.cfg.clip_x0, method="ddpm")
+        return StageRecord("prior", self.cfg.to_dict(), sampling, paths=self.paths(),
+                           train=self.config_json())
 
     def init_variables(self, rng, batch):
         b, D = batch["input_ids"].shape[0], self.cfg.embedding_dim
@@ -53,29 +55,23 @@ class PriorStage(CLIPConditionedStage, Stage):
         """clip_mean / clip_std from the image embeddings of a few batches (Karlo's statistics)."""
         if self.cfg.embedding_norm != "meanstd":
             return params
-        frozen = self.frozen()[1]
-        enc = jax.jit(lambda f, b: self.conditioning(f, b)[0])
         embs = []
         for _ in range(int(self.config.get("stats_batches", 8))):
             batch, _ = next(batches)
-            embs.append(np.asarray(enc(frozen, {k: jnp.asarray(v) for k, v in batch.items()})))
+            embs.append(self.clip.embed_images(batch["image"]))
         e = np.concatenate(embs)
         return prior_lib.set_embedding_stats(jax.device_get(params), e.mean(0),
                                              e.std(0) + 1e-6)
 
     def loss(self, params, batch, rng, frozen):
         image, text, hidden = self.conditioning(frozen, batch)
-        b = image.shape[0]
-        k_drop, k_t, k_noise, k_dropout = jax.random.split(rng, 4)
-        text, hidden, mask = self.drop_text(frozen, k_drop, float(self.config.cond_drop.text),
+        keys = jax.random.split(rng, 4)  # text dropout; then timestep, noise, dropout
+        text, hidden, mask = self.drop_text(frozen, keys[0], float(self.config.cond_drop.text),
                                             text, hidden, batch["text_mask"])
         x0 = prior_lib.normalize_embedding(image, self.cfg, params)
-        t = jax.random.randint(k_t, (b,), 0, self.diffusion.num_steps)
-        noise = jax.random.normal(k_noise, x0.shape)
-        x_t = self.diffusion.q_sample(x0, t, noise)
-        pred = self.model().apply({"params": params}, x_t, t, text, hidden, mask, train=True,
-                                  rngs={"dropout": k_dropout})
-        loss, aux = self.diffusion.loss(pred, x0, noise, t)
+        cond = dict(text_embed=text, text_hidden=hidden, text_mask=mask)
+        loss, _, pred = self.diffusion.training_loss(self._denoise, params, x0, cond, keys[1:],
+                                                     with_output=True)
         cos = jnp.sum(pred * x0, -1) / (jnp.linalg.norm(pred, axis=-1)
                                         * jnp.linalg.norm(x0, axis=-1) + 1e-8)
         return jnp.mean(loss), {"cosine_to_target": jnp.mean(cos)}

@@ -4,18 +4,17 @@ network is convolutional, so it samples at full size. Optional noise augmentatio
 low-resolution input, whose level conditions the network."""
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.data.sources import image_text_batches
-from unclip_jax.diffusion import DiffusionConfig, GaussianDiffusion
-from unclip_jax.models.unet import UNet, UNetConfig, upsample_input
+from unclip_jax.diffusion import DiffusionConfig, GaussianDiffusion, StageSampling, loss_options
+from unclip_jax.images import to_model_range
+from unclip_jax.models.unet import UNet, UNetConfig, super_res_denoiser, upsample_input
 from unclip_jax.stages import degrade
-from unclip_jax.stages.base import Stage
-from unclip_jax.stages.conditioning import to_model_range
+from unclip_jax.train.stage import Stage
+from unclip_jax.workdir import StageRecord
 
 
 class UpsamplerStage(Stage):
@@ -36,14 +35,24 @@ class UpsamplerStage(Stage):
         if bool(u.noise_aug_max) != self.cfg.noise_level_cond:
             raise ValueError("noise augmentation (upsample.noise_aug_max > 0) and the model's "
                              "noise_level_cond must go together")
+        level = int(u.get("sample_noise_level", 0))
+        if not 0 <= level < max(1, int(u.noise_aug_max)):
+            raise ValueError(f"upsample.sample_noise_level {level} must lie in "
+                             f"[0, noise_aug_max={int(u.noise_aug_max)})")
+        self._denoise = super_res_denoiser(self.cfg)
+        self._loss_kw = loss_options(config.loss)
 
     def model(self):
         return UNet(self.cfg)
 
-    def model_config(self) -> dict[str, Any]:
-        return {"unet": self.cfg.to_dict(), "diffusion": self.diffusion.config.to_dict(),
-                "low_res_size": self.in_size, "degradation": self.config.upsample.degradation,
-                "noise_aug_level": int(self.config.upsample.get("sample_noise_level", 0))}
+    def record(self) -> StageRecord:
+        u = self.config.upsample
+        sampling = StageSampling(self.diffusion.config, 1.0, method="ddpm",
+                                 noise_level=int(u.get("sample_noise_level", 0)))
+        data = {"low_res_size": self.in_size, "degradation": str(u.degradation),
+                "noise_aug_max": int(u.noise_aug_max)}
+        return StageRecord("upsampler", self.cfg.to_dict(), sampling, data=data,
+                           train=self.config_json())
 
     def init_variables(self, rng, batch):
         b = batch["hr"].shape[0]
@@ -55,24 +64,16 @@ class UpsamplerStage(Stage):
         x0 = to_model_range(batch["hr"])
         lr = to_model_range(batch["lr"])
         b = x0.shape[0]
-        k_t, k_noise, k_aug, k_augn, k_dropout = jax.random.split(rng, 5)
-        kw = {}
+        keys = jax.random.split(rng, 5)  # timestep, noise, aug level, aug noise, dropout
+        cond = {}
         aug_max = int(self.config.upsample.noise_aug_max)
         if aug_max:
-            level = jax.random.randint(k_aug, (b,), 0, aug_max)
-            lr = self.diffusion.q_sample(lr, level, jax.random.normal(k_augn, lr.shape))
-            kw["noise_level"] = level
-        cond = upsample_input(lr, self.crop, "bicubic")
-        t = jax.random.randint(k_t, (b,), 0, self.diffusion.num_steps)
-        noise = jax.random.normal(k_noise, x0.shape)
-        x_t = self.diffusion.q_sample(x0, t, noise)
-        out = self.model().apply({"params": params}, jnp.concatenate([x_t, cond], -1), t,
-                                 train=True, rngs={"dropout": k_dropout}, **kw)
-        loss, aux = self.diffusion.loss(out, x0, noise, t, loss_type=self.config.loss.type,
-                                        vlb_weight=float(self.config.loss.vlb_weight),
-                                        min_snr_gamma=float(self.config.loss.get(
-                                            "min_snr_gamma", 0.0)),
-                                        snr_floor=float(self.config.loss.get("snr_floor", 0.0)))
+            level = jax.random.randint(keys[2], (b,), 0, aug_max)
+            lr = self.diffusion.q_sample(lr, level, jax.random.normal(keys[3], lr.shape))
+            cond["noise_level"] = level
+        cond["low_res"] = upsample_input(lr, self.crop, "bicubic")
+        loss, aux = self.diffusion.training_loss(self._denoise, params, x0, cond,
+                                                 keys[jnp.array([0, 1, 4])], **self._loss_kw)
         return jnp.mean(loss), {k: jnp.mean(v) for k, v in aux.items()}
 
     def dummy_batch(self, batch_size):

@@ -1,25 +1,23 @@
 """Orbax checkpoints per stage: WORKDIR/<stage>/{config.json, checkpoints/<step>/}.
 
-config.json (the stage, its model config and the training config) is written beside the
-checkpoints so a sampler can rebuild the model with no config file. A workdir whose config.json
-describes a different model is refused before anything is written. If the newest checkpoint cannot
-be read (a partial write), the one before it is used, with a warning.
+The stage record (`unclip_jax.workdir.StageRecord`, config.json) is written beside the
+checkpoints so a sampler can rebuild the model with no config file; loading a trained stage lives
+in `unclip_jax.workdir`. A workdir whose record describes a different model is refused before
+anything is written. If the newest checkpoint cannot be read (a partial write), the one before it
+is used, with a warning.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
+from unclip_jax.workdir import RECORD_FILE, StageRecord, has_checkpoints, read_record
+
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.json"
-
 
 class ConfigMismatchError(ValueError):
     """The workdir holds a checkpoint of another model configuration."""
@@ -36,48 +34,30 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
-def read_stage_config(stage_dir: str) -> dict[str, Any]:
-    path = os.path.join(stage_dir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {stage_dir}: is it a trained stage?")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 class StageCheckpointer:
     """An async Orbax CheckpointManager for one stage, with keep-last-N and a save interval."""
 
-    def __init__(self, stage_dir: str, stage_config: dict[str, Any], *, keep: int = 3,
+    def __init__(self, stage_dir: str, record: StageRecord, *, keep: int = 3,
                  every: int = 1000, async_save: bool = True):
         self.dir = os.path.abspath(stage_dir) if "://" not in stage_dir else stage_dir
         self.every = max(1, int(every))  # the trainer saves at multiples of it, and at the end
-        self._check_and_write_config(stage_config)
+        self._check_and_write_record(record)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=1, create=True,
             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(os.path.join(self.dir, "checkpoints"),
                                              options=options, item_names=("state", "meta"))
 
-    def _check_and_write_config(self, cfg: dict[str, Any]):
-        path = os.path.join(self.dir, CONFIG_FILE)
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
-            ckpts = os.path.join(self.dir, "checkpoints")
-            has_ckpt = os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts))
-            diffs = _diff({"stage": old.get("stage"), "model": old.get("model")},
-                          {"stage": cfg.get("stage"), "model": cfg.get("model")})
-            if diffs and has_ckpt:
+    def _check_and_write_record(self, record: StageRecord):
+        if os.path.exists(os.path.join(self.dir, RECORD_FILE)) and has_checkpoints(self.dir):
+            diffs = _diff(read_record(self.dir).identity(), record.identity())
+            if diffs:
                 raise ConfigMismatchError(
                     f"{self.dir} holds a checkpoint of another model configuration ("
                     + "; ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
                     + "); use another --workdir or remove it")
         if jax.process_index() == 0:
-            os.makedirs(self.dir, exist_ok=True)
-            tmp = path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(cfg, f, indent=2, sort_keys=True, default=str)
-            os.replace(tmp, path)
+            record.write(self.dir)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -126,36 +106,3 @@ def _is_shape_mismatch(e: Exception) -> bool:
     s = str(e).lower()
     return "shape" in s and ("mismatch" in s or "does not match" in s or "incompatible" in s
                              or "expected" in s)
-
-
-def load_trained(stage_dir: str, which: str = "ema_params") -> tuple[dict[str, Any], Any, int]:
-    """(config.json, params, step) of the newest readable checkpoint of a trained stage.
-
-    `which` is "ema_params" (what sampling uses) or "params". Arrays come back as host numpy.
-    """
-    cfg = read_stage_config(stage_dir)
-    if "://" not in stage_dir:  # Orbax wants absolute local paths
-        stage_dir = os.path.abspath(stage_dir)
-    ckdir = os.path.join(stage_dir, "checkpoints")
-    if not os.path.isdir(ckdir):
-        raise FileNotFoundError(f"{stage_dir} has no checkpoints yet")
-    mgr = ocp.CheckpointManager(ckdir, item_names=("state", "meta"),
-                                options=ocp.CheckpointManagerOptions(read_only=True))
-    steps = sorted(mgr.all_steps(), reverse=True)
-    if not steps:
-        raise FileNotFoundError(f"{stage_dir} has no checkpoints yet")
-    last_err = None
-    for step in steps:
-        try:
-            out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-        except Exception as e:  # noqa: BLE001
-            print(f"warning: checkpoint at step {step} of {stage_dir} is unreadable "
-                  f"({type(e).__name__}); trying an older one", flush=True)
-            last_err = e
-            continue
-        state = out["state"]
-        tree = state[which] if isinstance(state, dict) else getattr(state, which)
-        mgr.close()
-        return cfg, jax.tree.map(lambda a: np.asarray(a), tree), int(step)
-    mgr.close()
-    raise FileNotFoundError(f"no readable checkpoint in {stage_dir}: {last_err}")

@@ -55,6 +55,21 @@ def _literal(text: str, like: Any) -> Any:
     return value
 
 
+OVERRIDE_PREFIX = "--config."
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Command-line words -> (the other words, the `KEY=VALUE` of each `--config.KEY=VALUE`):
+    the one parser of config overrides for the CLI and the benches."""
+    rest, overrides = [], []
+    for a in argv:
+        if a.startswith(OVERRIDE_PREFIX):
+            overrides.append(a[len(OVERRIDE_PREFIX):])
+        else:
+            rest.append(a)
+    return rest, overrides
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Load `path.py[:arg]` and apply `a.b=value` overrides."""
     path, _, arg = spec.partition(":")

@@ -1,4 +1,7 @@
-"""The one trainer: every stage trains through `train(config, workdir)`.
+"""The one trainer: every stage trains through `train(stage, config, workdir)`.
+
+It is handed its stage (`unclip_jax.train.stage.Stage`: model, loss, batches, record); it never
+imports the stages (`unclip_jax.stages.train_stage(config, workdir)` builds one and calls this).
 
 Sections, in order: distributed / mesh — stage (model, loss, data) — abstract init and shardings
 — checkpoint restore or init — the jitted, sharded, donated step (ahead-of-time compiled, its
@@ -74,18 +77,6 @@ def _validate(config, mesh):
         raise ValueError(f"total_steps must be positive, got {config.total_steps}")
 
 
-PATH_KEYS = ("tokenizer", "clip_dir")  # recorded absolute, so a stage loads from any directory
-
-
-def _stage_record(stage, config) -> dict[str, Any]:
-    train = json.loads(config.to_json_best_effort())
-    for k in PATH_KEYS:
-        v = train.get(k)
-        if isinstance(v, str) and v and "://" not in v:
-            train[k] = os.path.abspath(v)
-    return {"stage": stage.name, "model": stage.model_config(), "train": train}
-
-
 def make_train_step(stage, tx, schedule, config, mesh, rules):
     """The pure update: grads (with accumulation over micro-batches), optax, EMA, metrics."""
     accum = int(config.get("grad_accum", 1))
@@ -157,15 +148,19 @@ def _model_flops_per_device(stage, config, params_abs, batch_abs, frozen) -> flo
     return 3.0 * fwd * accum / jax.device_count() if fwd else None
 
 
-def train(config, workdir: str, *, stop_at_step: int | None = None, progress: bool = True,
-          devices=None) -> TrainResult:
-    """Train `config.stage` into WORKDIR/<stage>/ (resuming from its newest checkpoint).
+def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
+          progress: bool = True, devices=None) -> TrainResult:
+    """Train `stage` (built from `config`) into WORKDIR/<stage>/, resuming from its newest
+    checkpoint.
 
     `stop_at_step` ends the run at that step with a checkpoint, as a preemption would.
-    `devices` restricts the mesh to these devices (default: all).
+    `devices` restricts the mesh to these devices (default: all). Throughput figures (steps/s,
+    TFLOP/s, MFU) count training steps only: the clock pauses around checkpoint saves and
+    preview sampling.
     """
-    from unclip_jax.stages import build_stage
-
+    if config.get("stage") and config.stage != stage.name:
+        raise ValueError(f"the config is for the {config.stage!r} stage but the trainer was "
+                         f"handed the {stage.name!r} stage")
     maybe_initialize_distributed()
     # ---- mesh
     mesh = make_mesh(dict(config.mesh), devices)
@@ -177,9 +172,8 @@ def train(config, workdir: str, *, stop_at_step: int | None = None, progress: bo
     total = int(config.total_steps)
 
     # ---- stage
-    stage = build_stage(config, workdir)
     stage_dir = os.path.join(workdir, stage.name)
-    ckpt = StageCheckpointer(stage_dir, _stage_record(stage, config),
+    ckpt = StageCheckpointer(stage_dir, stage.record(),
                              keep=int(config.checkpoint.keep), every=int(config.checkpoint.every),
                              async_save=bool(config.checkpoint.get("async_save", True)))
 
@@ -298,12 +292,18 @@ def train(config, workdir: str, *, stop_at_step: int | None = None, progress: bo
                 if not all(math.isfinite(v) for v in (m["loss"], m["grad_norm"])):
                     raise FloatingPointError(
                         f"[{stage.name}] non-finite loss or gradient at step {step}: {m}")
-            if sample_every and step % sample_every == 0 and pi == 0:
-                imgs = stage.sample_images(state.ema_params, frozen, jax.random.key(step))
-                if imgs is not None:
-                    writer.write_images(step, {"samples": np.asarray(imgs)})
-            if stop or step == total or step % ckpt.every == 0:
-                ckpt.save(step, state, {"skipped": skipped_total})
+            preview = bool(sample_every and step % sample_every == 0 and pi == 0)
+            save = stop or step == total or step % ckpt.every == 0
+            if preview or save:  # previews and saves are not training time: pause the clock
+                jax.block_until_ready(state)
+                paused = time.time()
+                if preview:
+                    imgs = stage.sample_images(state.ema_params, frozen, jax.random.key(step))
+                    if imgs is not None:
+                        writer.write_images(step, {"samples": np.asarray(imgs)})
+                if save:
+                    ckpt.save(step, state, {"skipped": skipped_total})
+                t_last += time.time() - paused
             if stop:
                 break
     finally:

@@ -1,4 +1,6 @@
-"""What a stage gives the trainer: its model, its loss and its batches — nothing else.
+"""The stage contract: what a stage gives the trainer — its model, its loss, its batches and
+its record — nothing else. It lives beside the trainer; the stages (`unclip_jax.stages`) import
+it, and nothing here imports them: `train(stage, config, workdir)` is handed its stage.
 
 A stage never imports another stage; a stage that needs another's model (the prior and the
 decoder need CLIP) reads that stage's checkpoint directory as *frozen* inputs.
@@ -6,10 +8,13 @@ decoder need CLIP) reads that stage's checkpoint directory as *frozen* inputs.
 from __future__ import annotations
 
 import abc
+import json
 from typing import Any, Iterator
 
 import flax.linen as nn
 import numpy as np
+
+from unclip_jax.workdir import StageRecord
 
 
 class Stage(abc.ABC):
@@ -24,14 +29,19 @@ class Stage(abc.ABC):
     def __init__(self, config):
         self.config = config
 
+    def config_json(self) -> dict[str, Any]:
+        """The training config as JSON (kept in the stage record)."""
+        return json.loads(self.config.to_json_best_effort())
+
     # -- model ------------------------------------------------------------------------------
     @abc.abstractmethod
     def model(self) -> nn.Module:
         """The Flax module whose params are trained."""
 
     @abc.abstractmethod
-    def model_config(self) -> dict[str, Any]:
-        """JSON description of the model (saved beside the checkpoints)."""
+    def record(self) -> StageRecord:
+        """The stage record written beside the checkpoints (model config, sampling defaults,
+        data facts, paths, the training config): what loading the trained stage needs."""
 
     @abc.abstractmethod
     def init_variables(self, rng, batch: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +79,8 @@ class Stage(abc.ABC):
 
     # -- pictures ---------------------------------------------------------------------------
     def sample_images(self, params, frozen, rng) -> np.ndarray | None:
-        """A few generated images (float [N, H, W, 3] in [0, 1]) for the logs, or None."""
+        """A few generated images (float [N, H, W, 3] in [0, 1]) for the logs, or None.
+        Sampled as the pipeline samples the trained stage (its record's sampling defaults)."""
         return None
 
     def flops_per_example(self) -> float | None:

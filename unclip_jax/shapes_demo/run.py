@@ -56,7 +56,7 @@ def prepare_data(workdir: str, cfg) -> None:
 
 def train_stack(workdir: str, size: str = "demo", extra=(), progress: bool = True) -> dict:
     """Train (or reuse) every stage; returns seconds spent per stage."""
-    from unclip_jax.train.trainer import train
+    from unclip_jax.stages import train_stage
 
     os.makedirs(workdir, exist_ok=True)
     times = {}
@@ -70,7 +70,7 @@ def train_stack(workdir: str, size: str = "demo", extra=(), progress: bool = Tru
             print(f"[{stage}] already trained in {workdir}/{stage}; reusing it", flush=True)
             continue
         t = time.time()
-        train(cfg, workdir, progress=progress)
+        train_stage(cfg, workdir, progress=progress)
         times[stage] = time.time() - t
     return times
 
@@ -78,9 +78,9 @@ def train_stack(workdir: str, size: str = "demo", extra=(), progress: bool = Tru
 def run_demo(workdir: str = "workdir/demo", seed: int = 0, size: str = "demo",
              extra=(), eval_sizes=(32, 16, 16), progress: bool = True) -> dict:
     from unclip_jax.data import shapes
-    from unclip_jax.evaluate import evaluate, write_json
+    from unclip_jax.shapes_demo.evaluate import evaluate, write_json
     from unclip_jax.pipeline import UnCLIPPipeline
-    from unclip_jax.report import write_report
+    from unclip_jax.shapes_demo.report import write_report
     from unclip_jax.viz import save_grid
 
     t0 = time.time()

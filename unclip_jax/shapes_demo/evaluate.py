@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.data import analyse, shapes
+from unclip_jax.data import shapes
 from unclip_jax.diffusion import GaussianDiffusion
-from unclip_jax.stages.conditioning import clip_pixels, to_model_range
+from unclip_jax.images import to_model_range, to_uint8
+from unclip_jax.shapes_demo import analyse
 
 
 def _norm(x):
@@ -55,13 +56,9 @@ class Evaluator:
         self.pipe = pipe
         self.clip = pipe.clip
         self.batch = batch
-        size = self.clip.vision_config.image_size
-        self._img = jax.jit(lambda p, x: self.clip.encode_image(p, clip_pixels(x, size)))
 
     def image_embeds(self, images_uint8) -> np.ndarray:
-        out = [np.asarray(self._img(self.clip.vision_params, jnp.asarray(images_uint8[i:i + 256])))
-               for i in range(0, len(images_uint8), 256)]
-        return np.concatenate(out)
+        return self.clip.embed_images(images_uint8)
 
     def text_embeds(self, prompts) -> np.ndarray:
         out = [np.asarray(self.pipe.encode_text(prompts[i:i + 256])["text_embed"])
@@ -114,9 +111,9 @@ class Evaluator:
                 z = jnp.asarray(self.image_embeds(true_images[i:i + self.batch]))
             low = self.pipe.sample_decoder(z, cond, uncond, steps=steps[1], guidance=guidance[1],
                                            rng=jax.random.fold_in(rng, 1))
-            lows.append(_u8(low * 0.5 + 0.5))
+            lows.append(to_uint8(low * 0.5 + 0.5))
             if self.pipe.super_res_first is not None:
-                finals.append(_u8(self.pipe.sample_super_res(low, steps=steps[2],
+                finals.append(to_uint8(self.pipe.sample_super_res(low, steps=steps[2],
                                                              rng=jax.random.fold_in(rng, 2))))
             else:
                 finals.append(lows[-1])
@@ -150,7 +147,7 @@ class Evaluator:
             tt = jnp.full((x0.shape[0],), int(t), jnp.int32)
             noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), int(t)), x0.shape)
             pred = self.pipe.predict_decoder_x0(diff.q_sample(x0, tt, noise), tt, z, cond)
-            out[str(int(t))] = faithfulness(_u8(np.asarray(pred) * 0.5 + 0.5), scenes)
+            out[str(int(t))] = faithfulness(to_uint8(np.asarray(pred) * 0.5 + 0.5), scenes)
         return out
 
     def clip_score(self, images, prompts) -> float:
@@ -158,10 +155,6 @@ class Evaluator:
         at 0), with this stack's own CLIP."""
         ie, te = _norm(self.image_embeds(images)), _norm(self.text_embeds(list(prompts)))
         return float(100 * np.mean(np.sum(ie * te, -1)))
-
-
-def _u8(x):
-    return np.asarray(np.round(np.clip(np.asarray(x), 0, 1) * 255), np.uint8)
 
 
 def faithfulness(images, scenes) -> dict[str, float]:

@@ -1,0 +1,354 @@
+"""A trained stage on disk, and a whole trained stack: one record, one reader, one writer.
+
+A workdir holds one directory a stage, ``WORKDIR/{clip,prior,decoder,upsampler}/``, each with
+``config.json`` (the :class:`StageRecord`) and ``checkpoints/<step>/`` (Orbax). The trainer writes
+the record (``StageRecord.write``); everything that loads a stage reads it here: the typed model
+config, the diffusion it was trained with and how to sample it (:class:`StageSampling`), the data
+facts sampling needs (an upsampler's input size and noise-augmentation level) and the paths it was
+trained against (tokenizer, CLIP). Records written before this layout (version 1) are read too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax.diffusion import DiffusionConfig, StageSampling
+from unclip_jax.images import clip_pixels
+from unclip_jax.models.clip import (
+    CLIPConfig, CLIPTextModelWithProjection, CLIPVisionModelWithProjection)
+
+RECORD_FILE = "config.json"
+RECORD_VERSION = 2
+STAGES = ("clip", "prior", "decoder", "upsampler")
+PATH_KEYS = ("tokenizer", "clip_dir")
+
+
+class RecordError(ValueError):
+    """A stage record that cannot be read, or that describes another stage."""
+
+
+def _model_config_class(stage: str):
+    from unclip_jax.models.decoder import DecoderConfig
+    from unclip_jax.models.prior import PriorConfig
+    from unclip_jax.models.unet import UNetConfig
+
+    return {"clip": CLIPConfig, "prior": PriorConfig, "decoder": DecoderConfig,
+            "upsampler": UNetConfig}[stage]
+
+
+def absolute_path(p: str) -> str:
+    """A local path made absolute (a stage then loads from any directory); URLs and '' kept."""
+    return os.path.abspath(p) if isinstance(p, str) and p and "://" not in p else p
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRecord:
+    """What a trained stage is, written beside its checkpoints.
+
+    stage:    clip | prior | decoder | upsampler
+    model:    the model config as a dict (:meth:`model_config` types it)
+    sampling: how it is sampled by default (None for CLIP)
+    data:     data facts sampling needs (upsampler: low_res_size, degradation, noise_aug_max)
+    paths:    tokenizer / clip_dir it was trained against, absolute
+    train:    the whole training config, for the record
+    """
+
+    stage: str
+    model: dict
+    sampling: StageSampling | None = None
+    data: dict = dataclasses.field(default_factory=dict)
+    paths: dict = dataclasses.field(default_factory=dict)
+    train: dict = dataclasses.field(default_factory=dict)
+    version: int = RECORD_VERSION
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise RecordError(f"unknown stage {self.stage!r}; expected one of {STAGES}")
+        object.__setattr__(self, "paths", {k: absolute_path(v) for k, v in self.paths.items()})
+
+    def model_config(self):
+        """The typed model config: CLIPConfig, PriorConfig, DecoderConfig or UNetConfig."""
+        return _model_config_class(self.stage).from_dict(self.model)
+
+    def identity(self) -> dict:
+        """What must match for a checkpoint to be resumed: the stage, its model and diffusion."""
+        return {"stage": self.stage, "model": self.model,
+                "diffusion": None if self.sampling is None else self.sampling.diffusion.to_dict()}
+
+    # -------------------------------------------------------------------------- JSON
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["sampling"] = None if self.sampling is None else self.sampling.to_dict()
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any, source: str = "the stage record") -> "StageRecord":
+        """Read a record of this layout or of version 1; a clear error for anything else."""
+        if not isinstance(d, dict) or "stage" not in d or "model" not in d:
+            raise RecordError(f"{source} is not a stage record (expected a JSON object with "
+                              f"'stage' and 'model'): retrain the stage with `unclip-jax train`, "
+                              f"or point at the directory of a stage trained here")
+        version = d.get("version", 1)
+        try:
+            if version == 1:
+                return _from_v1(d)
+            if version != RECORD_VERSION:
+                raise RecordError(f"record version {version} is newer than this unclip_jax reads "
+                                  f"({RECORD_VERSION}): upgrade unclip_jax")
+            sampling = d.get("sampling")
+            rec = cls(stage=d["stage"], model=dict(d["model"]),
+                      sampling=None if sampling is None else StageSampling.from_dict(sampling),
+                      data=dict(d.get("data") or {}), paths=dict(d.get("paths") or {}),
+                      train=dict(d.get("train") or {}), version=version)
+            rec.model_config()  # fails here, not later, when the model config is unreadable
+            return rec
+        except RecordError as e:
+            raise RecordError(f"{source}: {e}") from None
+        except (TypeError, ValueError, KeyError) as e:
+            raise RecordError(f"{source} cannot be read as a {d.get('stage')!r} stage record "
+                              f"({type(e).__name__}: {e}); retrain the stage") from None
+
+    def write(self, stage_dir: str) -> str:
+        """Write (atomically) WORKDIR/<stage>/config.json; returns its path."""
+        path = os.path.join(stage_dir, RECORD_FILE)
+        os.makedirs(stage_dir, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_json(), f, indent=2, sort_keys=True, default=str)
+        os.replace(tmp, path)
+        return path
+
+
+def _from_v1(d: dict) -> StageRecord:
+    """The layout of the first trainer: {stage, model: {<net>: ..., diffusion, ...}, train}."""
+    stage, model, train = d["stage"], d["model"], dict(d.get("train") or {})
+    paths = {k: train[k] for k in PATH_KEYS if train.get(k)}
+    if stage == "clip":
+        return StageRecord("clip", dict(model), None, {}, paths, train, RECORD_VERSION)
+    s = dict(train.get("sampling") or {})
+    net = {"prior": "prior", "decoder": "decoder", "upsampler": "unet"}[stage]
+    clip_x0 = model.get("clip_x0") if stage == "prior" else 1.0
+    sampling = StageSampling(DiffusionConfig.from_dict(model["diffusion"]), clip_x0,
+                             method=s.get("method", "ddpm"), eta=float(s.get("eta", 0.0)),
+                             guidance=s.get("guidance"),
+                             noise_level=int(model.get("noise_aug_level", 0)))
+    data = {}
+    if stage == "upsampler":
+        aug = dict(train.get("upsample") or {})
+        data = {"low_res_size": model.get("low_res_size"), "degradation": model.get("degradation"),
+                "noise_aug_max": int(aug.get("noise_aug_max", 0))}
+    rec = StageRecord(stage, dict(model[net]), sampling, data, paths, train, RECORD_VERSION)
+    rec.model_config()
+    return rec
+
+
+def read_record(stage_dir: str, expect: str | None = None) -> StageRecord:
+    """The record of the stage in `stage_dir`; `expect` names the stage that must be there."""
+    path = os.path.join(stage_dir, RECORD_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {RECORD_FILE} in {stage_dir}: is it a trained stage?")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecordError(f"{path} is not valid JSON ({e}); retrain the stage") from None
+    rec = StageRecord.from_json(d, source=path)
+    if expect is not None and rec.stage != expect:
+        raise RecordError(f"{path} records a {rec.stage!r} stage where a {expect!r} stage "
+                          f"belongs: are the stage directories swapped?")
+    return rec
+
+
+# ------------------------------------------------------------------------------ checkpoints
+@dataclasses.dataclass
+class TrainedStage:
+    """A stage read from disk: its record, its (EMA) params as host arrays, the step."""
+
+    record: StageRecord
+    params: Any
+    step: int
+
+    @property
+    def config(self):
+        return self.record.model_config()
+
+    @property
+    def sampling(self) -> StageSampling | None:
+        return self.record.sampling
+
+
+def has_checkpoints(stage_dir: str) -> bool:
+    ck = os.path.join(stage_dir, "checkpoints")
+    return os.path.isdir(ck) and any(n.isdigit() for n in os.listdir(ck))
+
+
+def load_stage(stage_dir: str, *, which: str = "ema_params",
+               expect: str | None = None) -> TrainedStage:
+    """The newest readable checkpoint of a trained stage; `which` is "ema_params" (what sampling
+    uses) or "params". An unreadable newest checkpoint falls back to an older one, saying so."""
+    import orbax.checkpoint as ocp
+
+    record = read_record(stage_dir, expect)
+    if "://" not in stage_dir:  # Orbax wants absolute local paths
+        stage_dir = os.path.abspath(stage_dir)
+    ckdir = os.path.join(stage_dir, "checkpoints")
+    if not has_checkpoints(stage_dir):
+        raise FileNotFoundError(f"{stage_dir} has no checkpoints yet")
+    mgr = ocp.CheckpointManager(ckdir, item_names=("state", "meta"),
+                                options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        steps = sorted(mgr.all_steps(), reverse=True)
+        last_err = None
+        for step in steps:
+            try:
+                out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+            except Exception as e:  # noqa: BLE001 -- a partial write surfaces as many types
+                print(f"warning: checkpoint at step {step} of {stage_dir} is unreadable "
+                      f"({type(e).__name__}); trying an older one", flush=True)
+                last_err = e
+                continue
+            if step != steps[0]:
+                print(f"warning: loaded step {step} of {stage_dir}, not its newest ({steps[0]})",
+                      flush=True)
+            state = out["state"]
+            tree = state[which] if isinstance(state, dict) else getattr(state, which)
+            return TrainedStage(record, jax.tree.map(np.asarray, tree), int(step))
+        raise FileNotFoundError(f"no readable checkpoint in {stage_dir}: {last_err}")
+    finally:
+        mgr.close()
+
+
+# ------------------------------------------------------------------------------ frozen CLIP
+@dataclasses.dataclass
+class FrozenCLIP:
+    """A trained CLIP split into its towers: configs, params and the tokenizer's location."""
+
+    config: CLIPConfig
+    text_params: Any
+    vision_params: Any
+    tokenizer_path: str | None
+    source: str = ""
+
+    @property
+    def text_config(self):
+        return self.config.text.replace(projection_dim=self.config.projection_dim)
+
+    @property
+    def vision_config(self):
+        return self.config.vision.replace(projection_dim=self.config.projection_dim)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.config.text.max_position_embeddings)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.config.projection_dim)
+
+    def encode_text(self, text_params, input_ids):
+        """-> (text_embeds [B, E] unnormalised, last_hidden_state [B, L, D]); causal mask only."""
+        out = CLIPTextModelWithProjection(self.text_config).apply({"params": text_params},
+                                                                  input_ids)
+        return out["text_embeds"], out["last_hidden_state"]
+
+    def encode_image(self, vision_params, pixels):
+        """CLIP's normalised pixels [B, S, S, 3] -> image embeddings [B, E] (unnormalised)."""
+        out = CLIPVisionModelWithProjection(self.vision_config).apply({"params": vision_params},
+                                                                      pixels)
+        return out["image_embeds"]
+
+    def encode_images_uint8(self, vision_params, images_uint8):
+        """uint8 images [B, H, W, 3] (any size: resized as CLIP's pixels) -> embeddings [B, E]."""
+        return self.encode_image(vision_params,
+                                 clip_pixels(images_uint8, self.vision_config.image_size))
+
+    @functools.cached_property
+    def _jitted_image_encoder(self):
+        return jax.jit(self.encode_images_uint8)
+
+    def embed_images(self, images_uint8, batch: int = 256) -> np.ndarray:
+        """Host convenience: uint8 images [N, H, W, 3] -> float32 embeddings [N, E], jitted once,
+        in chunks of `batch`."""
+        images_uint8 = np.asarray(images_uint8)
+        out = [np.asarray(self._jitted_image_encoder(self.vision_params,
+                                                     jnp.asarray(images_uint8[i:i + batch])))
+               for i in range(0, len(images_uint8), batch)]
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+    def boxed_abstract(self):
+        """Boxed abstract params {'text', 'vision'} (logical names for sharding)."""
+        t, v = self.text_config, self.vision_config
+        bt = jax.eval_shape(CLIPTextModelWithProjection(t).init, jax.random.key(0),
+                            jnp.zeros((1, t.max_position_embeddings), jnp.int32))["params"]
+        bv = jax.eval_shape(CLIPVisionModelWithProjection(v).init, jax.random.key(0),
+                            jnp.zeros((1, v.image_size, v.image_size, 3), jnp.float32))["params"]
+        return {"text": bt, "vision": bv}
+
+    def description(self) -> dict:
+        """What identifies this CLIP (recorded with embeddings made by it)."""
+        return {"config": self.config.to_dict(), "source": self.source}
+
+
+def load_frozen_clip(path: str) -> FrozenCLIP:
+    """A CLIP from our CLIP stage's directory (its EMA params) or a transformers CLIPModel dir."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no CLIP at {path}: train it first with "
+                                f"`unclip-jax train --config configs/clip.py ...`")
+    if os.path.exists(os.path.join(path, RECORD_FILE)) and has_checkpoints(path):
+        st = load_stage(path, expect="clip")
+        config, params = st.config, st.params
+        tok = st.record.paths.get("tokenizer") or None
+    else:
+        from unclip_jax.convert.hf_clip import load_hf_clip
+
+        _, config, params = load_hf_clip(path, kind="clip")
+        tok = path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else None
+    text = {"text_model": params["text_model"], "text_projection": params["text_projection"]}
+    vision = {"vision_model": params["vision_model"],
+              "visual_projection": params["visual_projection"]}
+    return FrozenCLIP(config, text, vision, tok, source=absolute_path(path))
+
+
+# ------------------------------------------------------------------------------ a whole stack
+@dataclasses.dataclass
+class Stack:
+    """Every stage of a workdir, loaded: the tokenizer, CLIP, prior, decoder and upsampler."""
+
+    tokenizer: Any
+    clip: FrozenCLIP
+    prior: TrainedStage
+    decoder: TrainedStage
+    upsampler: TrainedStage | None
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+    return os.path.join(workdir, stage)
+
+
+def load_stack(workdir: str, *, upsampler: bool = True) -> Stack:
+    """Load WORKDIR/{clip,prior,decoder,upsampler}/ (EMA params); a missing stage is named with
+    the command that trains it."""
+    from unclip_jax.data.tokenizer import load_tokenizer
+
+    def need(stage):
+        d = stage_dir(workdir, stage)
+        if not has_checkpoints(d):
+            raise FileNotFoundError(
+                f"{workdir} has no trained {stage} stage: train it with `unclip-jax train "
+                f"--config configs/{stage}.py:size=... --workdir {workdir}`")
+        return d
+
+    clip = load_frozen_clip(need("clip"))
+    if not clip.tokenizer_path:
+        raise RecordError(f"the CLIP stage in {workdir} records no tokenizer")
+    prior = load_stage(need("prior"), expect="prior")
+    decoder = load_stage(need("decoder"), expect="decoder")
+    up = load_stage(need("upsampler"), expect="upsampler") if upsampler else None
+    return Stack(load_tokenizer(clip.tokenizer_path), clip, prior, decoder, up)
