@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from unclip_jax.data import clip_embeddings as E
+from unclip_jax.data import fs
 from unclip_jax.data import pipelines as P
 
 S = 8  # output image size
@@ -97,6 +98,24 @@ def test_webdataset_processes_are_disjoint(wds):
     with pytest.raises(ValueError):  # 2 shards cannot feed 3 processes
         P.webdataset_pairs(str(wds), image_size=S, process_index=2, process_count=3)
     assert P.list_shards(str(wds / "{00000..00001}.tar")) == P.list_shards(str(wds))
+
+
+def test_fs_helpers(wds, tmp_path):
+    assert fs.brace_expand("d/{08..10}.tar") == ["d/08.tar", "d/09.tar", "d/10.tar"]
+    assert fs.brace_expand("{1..2}/{0..1}") == ["1/0", "1/1", "2/0", "2/1"]
+    shards = [str(wds / "00000.tar"), str(wds / "00001.tar")]
+    assert fs.list_shards(str(wds)) == shards == fs.list_shards(str(wds / "*.tar"))
+    assert fs.list_shards(str(wds / "{00000..00005}.tar")) == shards  # missing names dropped
+    assert P.list_shards is fs.list_shards
+    with pytest.raises(FileNotFoundError):
+        fs.list_shards(str(tmp_path / "*.tar"))
+    assert not fs.is_remote(str(wds)) and fs.is_remote("gs://bucket/x.tar")
+    fs.makedirs(tmp_path / "a" / "b")
+    fs.write_bytes(tmp_path / "a" / "b" / "f.bin", b"\x00data")
+    assert fs.read_bytes(tmp_path / "a" / "b" / "f.bin") == b"\x00data"
+    assert fs.exists(tmp_path / "a" / "b" / "f.bin") and fs.isdir(tmp_path / "a")
+    assert not fs.exists(tmp_path / "a" / "b" / "f.bin.tmp")  # written via a renamed tmp file
+    assert [f for _, _, fl in fs.walk(tmp_path / "a") for f in fl] == ["f.bin"]
 
 
 def test_truncated_shard_does_not_crash(wds, tmp_path):

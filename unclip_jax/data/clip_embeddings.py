@@ -11,8 +11,8 @@ import re
 
 import numpy as np
 
-from unclip_jax.data.pipelines import (  # the shared tf.data helpers
-    SKIPPED_KEY, _exists, _glob_files, _open, _options, _process_part, _read_bytes, _remote, _tf)
+from unclip_jax.data import fs
+from unclip_jax.data.pipelines import SKIPPED_KEY, deterministic_options, process_part
 
 _FINITE_CHUNK = 4096  # embedding rows per read
 
@@ -23,7 +23,7 @@ def list_embedding_shards(root) -> list[tuple[int, str, str, str]]:
     a text shard is missing."""
     root = os.fspath(root)
     found = {}
-    for path in _glob_files(os.path.join(root, "img_emb", "img_emb_*.npy")):
+    for path in fs.glob_files(os.path.join(root, "img_emb", "img_emb_*.npy")):
         m = re.fullmatch(r"img_emb_(\d+)\.npy", os.path.basename(path))
         if m:
             found[int(m.group(1))] = path
@@ -32,16 +32,16 @@ def list_embedding_shards(root) -> list[tuple[int, str, str, str]]:
     out = []
     for i in sorted(found):
         text = os.path.join(root, "text_emb", f"text_emb_{i}.npy")
-        if not _exists(text):
+        if not fs.exists(text):
             raise FileNotFoundError(f"{found[i]} has no matching {text}")
         meta = os.path.join(root, "metadata", f"metadata_{i}.parquet")
-        out.append((i, found[i], text, meta if _exists(meta) else ""))
+        out.append((i, found[i], text, meta if fs.exists(meta) else ""))
     return out
 
 
 def _load_npy(path: str) -> np.ndarray:
-    if _remote(path):
-        return np.load(io.BytesIO(_read_bytes(path)))
+    if fs.is_remote(path):
+        return np.load(io.BytesIO(fs.read_bytes(path)))
     return np.load(path, mmap_mode="r")
 
 
@@ -53,7 +53,7 @@ def _read_captions(meta_path: str, column: str, n: int) -> list[str]:
                           "(`pip install pyarrow`); the .npy embeddings alone do not") from e
     if not meta_path:
         raise FileNotFoundError("caption_column given but the shard has no metadata parquet")
-    with _open(meta_path) as f:
+    with fs.open_file(meta_path) as f:
         table = pq.read_table(f, columns=[column])
     captions = ["" if c is None else str(c) for c in table.column(column).to_pylist()]
     if len(captions) != n:
@@ -76,8 +76,8 @@ def clip_embedding_pairs(root, *, process_index: int = 0, process_count: int = 1
     read.  Output dicts: ``image_embed``/``text_embed`` float32 [D], ``key`` string
     (``"{i}/{row}"``), ``valid`` bool, ``skipped`` int32 (and ``caption``).
     """
-    tf = _tf()
-    shards = _process_part(list_embedding_shards(root), process_index, process_count, "shards")
+    tf = fs.tensorflow()
+    shards = process_part(list_embedding_shards(root), process_index, process_count, "shards")
     first_img = _load_npy(shards[0][1])
     first_txt = _load_npy(shards[0][2])
     if first_img.ndim != 2 or first_txt.ndim != 2:
@@ -154,9 +154,4 @@ def clip_embedding_pairs(root, *, process_index: int = 0, process_count: int = 1
         orders = tf.data.Dataset.from_tensors(ids)
     ds = orders.flat_map(
         lambda order: tf.data.Dataset.from_generator(gen, output_signature=sig, args=(order,)))
-    return ds.unbatch().with_options(_options(tf))
-
-
-# ---------------------------------------------------------------------------------------------
-# Batching and global arrays
-# ---------------------------------------------------------------------------------------------
+    return ds.unbatch().with_options(deterministic_options())
