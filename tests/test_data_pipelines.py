@@ -239,6 +239,37 @@ def test_clip_embedding_captions(emb):
         assert e["caption"].decode() == f"caption {i}-{r}"
 
 
+@pytest.mark.parametrize("pyarrow", [True, False])  # False: captions as metadata_{i}.json
+def test_written_embeddings_read_by_clip_embedding_pairs(tmp_path, pyarrow, monkeypatch):
+    """A set from write_embeddings (with hidden states) stays a clip-retrieval set: the tf.data
+    reader gets its embeddings and captions back exactly."""
+    import sys
+
+    if pyarrow:
+        pytest.importorskip("pyarrow")
+    else:
+        monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` raises ImportError
+        monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    rng = np.random.default_rng(3)
+    written = {}
+    for i, n in enumerate((3, 2)):
+        img, txt = rng.normal(size=(n, 5)).astype(np.float16), rng.normal(size=(n, 5))
+        paths = E.write_embeddings(tmp_path, i, image_embed=img, text_embed=txt,
+                                   text_hidden=rng.normal(size=(n, 4, 2)),
+                                   text_mask=np.ones((n, 4), bool),
+                                   captions=[f" cap {i}/{r}" for r in range(n)])
+        assert paths["metadata"].endswith(".parquet" if pyarrow else ".json")
+        for r in range(n):
+            written[f"{i}/{r}"] = (img[r].astype(np.float32), txt[r].astype(np.float32))
+    exs = _collect(E.clip_embedding_pairs(tmp_path, shuffle_files=False, caption_column="caption"))
+    assert {e["key"].decode() for e in exs} == set(written)
+    for e in exs:
+        key = e["key"].decode()
+        np.testing.assert_array_equal(e["image_embed"], written[key][0])
+        np.testing.assert_array_equal(e["text_embed"], written[key][1])
+        assert e["caption"].decode() == f"cap {key}"
+
+
 def test_batched_sizes_and_determinism(wds):
     def keys(seed, n_batches=6):
         ds = P.batched(P.webdataset_pairs(str(wds), image_size=S, seed=seed), 4,
