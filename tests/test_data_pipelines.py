@@ -337,3 +337,42 @@ def test_tfds_builders(wds, folder, tmp_path):
     assert fb.info.metadata["skipped_examples"] == 3
     fexs = _collect(fb.as_dataset(split="train"))
     assert {e["caption"] for e in fexs} == {b"a red thing", b"transparent", b"green"}
+
+
+def test_tfds_source_matches_folder_source(folder, tmp_path):
+    """data.source='tfds' prepares the folder as a TFDS dataset on first use and yields the same
+    images and captions as data.source='folder'; it resumes at any step."""
+    import ml_collections
+
+    from unclip_jax.data.sources import SOURCES, image_text_batches
+
+    assert "tfds" in SOURCES and "clip_embeddings" in SOURCES
+
+    def take(cfg, n, start_step=0):
+        it = image_text_batches(ml_collections.ConfigDict(cfg), image_size=S, batch_size=3,
+                                seed=0, start_step=start_step)
+        return [next(it) for _ in range(n)]
+
+    def pass_of(batch):  # 3 valid examples, batches of 3: the first batch is one whole pass
+        return sorted((c, im.tobytes()) for c, im in zip(batch["caption"], batch["image"]))
+
+    base = {"path": str(folder), "shuffle_buffer": 16}
+    (ref, ref_skipped), = take({**base, "source": "folder"}, 1)
+    assert ref_skipped == 3  # corrupt, caption-less and blank-caption images
+    tfds_cfg = {**base, "source": "tfds", "tfds_builder": "folder", "tfds_dir": str(tmp_path)}
+    got = take(tfds_cfg, 5)
+    assert pass_of(got[0][0]) == pass_of(ref)
+    assert sorted(got[0][0]["caption"]) == ["a red thing", "green", "transparent"]
+    assert all(b["image"].shape == (3, S, S, 3) and b["image"].dtype == np.uint8
+               and skipped == 0 for b, skipped in got)  # skips were counted when preparing
+    assert list(tmp_path.iterdir())  # prepared under data.tfds_dir
+    # Read back from the prepared dataset, resumed at step 2: the batches of steps 2..4.
+    resumed = take(tfds_cfg, 3, start_step=2)
+    for (a, _), (b, _) in zip(got[2:], resumed):
+        assert a["caption"] == b["caption"]
+        np.testing.assert_array_equal(a["image"], b["image"])
+    # The builder kind is found from the path when not given (a folder without .tar shards).
+    auto, = take({**tfds_cfg, "tfds_builder": ""}, 1)
+    assert pass_of(auto[0]) == pass_of(ref)
+    with pytest.raises(ValueError, match="carries no images.*prior"):
+        take({**base, "source": "clip_embeddings"}, 1)
