@@ -185,6 +185,10 @@ def test_check_embeddings_accepts_and_refuses(tmp_path):
     msg = str(e.value)
     assert "another CLIP" in msg and str(tmp_path) in msg and "['source']" in msg
     assert "clip_tiny" in msg and "clip_other" in msg and "re-embed" in msg
+    # A shard that disagrees with the record (another CLIP's rows added later) is found too.
+    E.write_embeddings(tmp_path, 2, image_embed=np.zeros((2, 8)), text_embed=np.zeros((2, 8)))
+    with pytest.raises(ValueError, match="shard 2 has E = 8"):
+        E.check_embeddings(tmp_path, embed_dim=EMB)
 
 
 def test_plain_clip_retrieval_set(tmp_path):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 from typing import Any, Iterator, Mapping, Sequence
@@ -36,6 +37,8 @@ import numpy as np
 
 from unclip_jax.data import fs
 from unclip_jax.data.pipelines import SKIPPED_KEY, deterministic_options, process_part
+
+log = logging.getLogger(__name__)
 
 _FINITE_CHUNK = 4096  # embedding rows per read
 
@@ -503,13 +506,17 @@ def check_embeddings(root, *, embed_dim: int, text_len: int | None = None,
                     f"model {json.dumps(recorded, sort_keys=True)}, this run expects model "
                     f"{json.dumps(expected_model, sort_keys=True)} (they differ in {differ}): "
                     f"{_REEMBED}")
+    elif model is not None:
+        log.warning("CLIP embeddings at %r have no %s: which CLIP made them cannot be checked "
+                    "(only their widths are)", root, INFO_FILE)
     if need_hidden and not all(s["text_hidden"] and s["text_mask"] for s in shards):
         raise ValueError(_no_hidden_message(root, shards))
     got = _shard_shapes(root, shards, need_hidden)
-    origin = f"its {INFO_FILE}" if has_info else f"it has no {INFO_FILE}; checked the shards"
     for key, dim, expected in (("embed_dim", "E", embed_dim), ("text_len", "L", text_len),
                                ("text_width", "D", text_width)):
         if expected is not None and got[dim] != int(expected):
+            origin = (f"although its {INFO_FILE} records {key}={info.get(key)}: the set is "
+                      "inconsistent" if has_info else f"it has no {INFO_FILE}")
             raise ValueError(f"CLIP embeddings at {root!r} have {key}={got[dim]} in their shards "
                              f"({origin}), but this run's CLIP has {key}={int(expected)}: "
                              f"{_REEMBED}")
