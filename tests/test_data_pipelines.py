@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from unclip_jax.data import clip_embeddings as E
+from unclip_jax.data import fs
 from unclip_jax.data import pipelines as P
 
 S = 8  # output image size
@@ -97,6 +98,24 @@ def test_webdataset_processes_are_disjoint(wds):
     with pytest.raises(ValueError):  # 2 shards cannot feed 3 processes
         P.webdataset_pairs(str(wds), image_size=S, process_index=2, process_count=3)
     assert P.list_shards(str(wds / "{00000..00001}.tar")) == P.list_shards(str(wds))
+
+
+def test_fs_helpers(wds, tmp_path):
+    assert fs.brace_expand("d/{08..10}.tar") == ["d/08.tar", "d/09.tar", "d/10.tar"]
+    assert fs.brace_expand("{1..2}/{0..1}") == ["1/0", "1/1", "2/0", "2/1"]
+    shards = [str(wds / "00000.tar"), str(wds / "00001.tar")]
+    assert fs.list_shards(str(wds)) == shards == fs.list_shards(str(wds / "*.tar"))
+    assert fs.list_shards(str(wds / "{00000..00005}.tar")) == shards  # missing names dropped
+    assert P.list_shards is fs.list_shards
+    with pytest.raises(FileNotFoundError):
+        fs.list_shards(str(tmp_path / "*.tar"))
+    assert not fs.is_remote(str(wds)) and fs.is_remote("gs://bucket/x.tar")
+    fs.makedirs(tmp_path / "a" / "b")
+    fs.write_bytes(tmp_path / "a" / "b" / "f.bin", b"\x00data")
+    assert fs.read_bytes(tmp_path / "a" / "b" / "f.bin") == b"\x00data"
+    assert fs.exists(tmp_path / "a" / "b" / "f.bin") and fs.isdir(tmp_path / "a")
+    assert not fs.exists(tmp_path / "a" / "b" / "f.bin.tmp")  # written via a renamed tmp file
+    assert [f for _, _, fl in fs.walk(tmp_path / "a") for f in fl] == ["f.bin"]
 
 
 def test_truncated_shard_does_not_crash(wds, tmp_path):
@@ -220,6 +239,37 @@ def test_clip_embedding_captions(emb):
         assert e["caption"].decode() == f"caption {i}-{r}"
 
 
+@pytest.mark.parametrize("pyarrow", [True, False])  # False: captions as metadata_{i}.json
+def test_written_embeddings_read_by_clip_embedding_pairs(tmp_path, pyarrow, monkeypatch):
+    """A set from write_embeddings (with hidden states) stays a clip-retrieval set: the tf.data
+    reader gets its embeddings and captions back exactly."""
+    import sys
+
+    if pyarrow:
+        pytest.importorskip("pyarrow")
+    else:
+        monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` raises ImportError
+        monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    rng = np.random.default_rng(3)
+    written = {}
+    for i, n in enumerate((3, 2)):
+        img, txt = rng.normal(size=(n, 5)).astype(np.float16), rng.normal(size=(n, 5))
+        paths = E.write_embeddings(tmp_path, i, image_embed=img, text_embed=txt,
+                                   text_hidden=rng.normal(size=(n, 4, 2)),
+                                   text_mask=np.ones((n, 4), bool),
+                                   captions=[f" cap {i}/{r}" for r in range(n)])
+        assert paths["metadata"].endswith(".parquet" if pyarrow else ".json")
+        for r in range(n):
+            written[f"{i}/{r}"] = (img[r].astype(np.float32), txt[r].astype(np.float32))
+    exs = _collect(E.clip_embedding_pairs(tmp_path, shuffle_files=False, caption_column="caption"))
+    assert {e["key"].decode() for e in exs} == set(written)
+    for e in exs:
+        key = e["key"].decode()
+        np.testing.assert_array_equal(e["image_embed"], written[key][0])
+        np.testing.assert_array_equal(e["text_embed"], written[key][1])
+        assert e["caption"].decode() == f"cap {key}"
+
+
 def test_batched_sizes_and_determinism(wds):
     def keys(seed, n_batches=6):
         ds = P.batched(P.webdataset_pairs(str(wds), image_size=S, seed=seed), 4,
@@ -287,3 +337,42 @@ def test_tfds_builders(wds, folder, tmp_path):
     assert fb.info.metadata["skipped_examples"] == 3
     fexs = _collect(fb.as_dataset(split="train"))
     assert {e["caption"] for e in fexs} == {b"a red thing", b"transparent", b"green"}
+
+
+def test_tfds_source_matches_folder_source(folder, tmp_path):
+    """data.source='tfds' prepares the folder as a TFDS dataset on first use and yields the same
+    images and captions as data.source='folder'; it resumes at any step."""
+    import ml_collections
+
+    from unclip_jax.data.sources import SOURCES, image_text_batches
+
+    assert "tfds" in SOURCES and "clip_embeddings" in SOURCES
+
+    def take(cfg, n, start_step=0):
+        it = image_text_batches(ml_collections.ConfigDict(cfg), image_size=S, batch_size=3,
+                                seed=0, start_step=start_step)
+        return [next(it) for _ in range(n)]
+
+    def pass_of(batch):  # 3 valid examples, batches of 3: the first batch is one whole pass
+        return sorted((c, im.tobytes()) for c, im in zip(batch["caption"], batch["image"]))
+
+    base = {"path": str(folder), "shuffle_buffer": 16}
+    (ref, ref_skipped), = take({**base, "source": "folder"}, 1)
+    assert ref_skipped == 3  # corrupt, caption-less and blank-caption images
+    tfds_cfg = {**base, "source": "tfds", "tfds_builder": "folder", "tfds_dir": str(tmp_path)}
+    got = take(tfds_cfg, 5)
+    assert pass_of(got[0][0]) == pass_of(ref)
+    assert sorted(got[0][0]["caption"]) == ["a red thing", "green", "transparent"]
+    assert all(b["image"].shape == (3, S, S, 3) and b["image"].dtype == np.uint8
+               and skipped == 0 for b, skipped in got)  # skips were counted when preparing
+    assert list(tmp_path.iterdir())  # prepared under data.tfds_dir
+    # Read back from the prepared dataset, resumed at step 2: the batches of steps 2..4.
+    resumed = take(tfds_cfg, 3, start_step=2)
+    for (a, _), (b, _) in zip(got[2:], resumed):
+        assert a["caption"] == b["caption"]
+        np.testing.assert_array_equal(a["image"], b["image"])
+    # The builder kind is found from the path when not given (a folder without .tar shards).
+    auto, = take({**tfds_cfg, "tfds_builder": ""}, 1)
+    assert pass_of(auto[0]) == pass_of(ref)
+    with pytest.raises(ValueError, match="carries no images.*prior"):
+        take({**base, "source": "clip_embeddings"}, 1)

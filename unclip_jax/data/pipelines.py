@@ -46,7 +46,8 @@ of ``global_batch_size // process_count`` and :func:`to_global_arrays` joins the
 see :mod:`unclip_jax.data.tfds_builders`.)
 
 TensorFlow is imported lazily and is told to see no GPU, so it never takes accelerator memory.
-Paths may be local or anything ``tf.io.gfile`` reads (``gs://...``).
+Paths may be local or anything ``tf.io.gfile`` reads (``gs://...``): the file helpers are in
+:mod:`unclip_jax.data.fs`.
 
 Example::
 
@@ -62,17 +63,17 @@ Example::
 
 from __future__ import annotations
 
-import functools
-import glob as _glob
 import io
 import json
 import logging
 import os
-import re
 import tarfile
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+
+from unclip_jax.data import fs
+from unclip_jax.data.fs import list_shards  # re-exported: part of this module's API
 
 log = logging.getLogger(__name__)
 
@@ -83,98 +84,20 @@ SKIPPED_KEY = "skipped"
 
 
 # ---------------------------------------------------------------------------------------------
-# TensorFlow, off the GPU
+# tf.data options and per-process parts (files themselves: unclip_jax.data.fs)
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _tf():
-    """Import TensorFlow and hide every GPU from it (once)."""
-    import tensorflow as tf
-
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except (RuntimeError, ValueError):  # already initialised: nothing we can change any more
-        log.debug("TensorFlow devices already initialised; leaving them as they are")
-    return tf
-
-
-def _options(tf):
-    opts = tf.data.Options()
+def deterministic_options():
+    """``tf.data.Options`` with ``deterministic = True`` (the same seed gives the same order)."""
+    opts = fs.tensorflow().data.Options()
     opts.deterministic = True
     return opts
 
 
-# ---------------------------------------------------------------------------------------------
-# Files (local or tf.io.gfile)
-# ---------------------------------------------------------------------------------------------
-
-
-def _remote(path: str) -> bool:
-    return "://" in str(path)
-
-
-def _open(path: str):
-    if _remote(path):
-        return _tf().io.gfile.GFile(path, "rb")
-    return open(path, "rb")
-
-
-def _read_bytes(path: str) -> bytes:
-    with _open(path) as f:
-        return f.read()
-
-
-def _exists(path: str) -> bool:
-    return _tf().io.gfile.exists(path) if _remote(path) else os.path.exists(path)
-
-
-def _isdir(path: str) -> bool:
-    return _tf().io.gfile.isdir(path) if _remote(path) else os.path.isdir(path)
-
-
-def _glob_files(pattern: str) -> list[str]:
-    if _remote(pattern):
-        return sorted(_tf().io.gfile.glob(pattern))
-    return sorted(_glob.glob(pattern))
-
-
-def _brace_expand(pattern: str) -> list[str]:
-    """Expand webdataset-style numeric ranges: ``a/{00000..00009}.tar`` -> 10 names."""
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if not m:
-        return [pattern]
-    lo, hi = m.group(1), m.group(2)
-    width = len(lo) if lo.startswith("0") else 0
-    out = []
-    for i in range(int(lo), int(hi) + 1):
-        out.extend(_brace_expand(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():]))
-    return out
-
-
-def list_shards(pattern_or_files: str | os.PathLike | Sequence[str],
-                ext: str = ".tar") -> list[str]:
-    """Sorted shard files from a list, a directory (every ``*{ext}`` in it), a glob pattern or a
-    ``{00000..00099}`` range.  Raises ``FileNotFoundError`` if nothing matches."""
-    if isinstance(pattern_or_files, (str, os.PathLike)):
-        pattern = os.fspath(pattern_or_files)
-        if _isdir(pattern):
-            files = _glob_files(os.path.join(pattern, "*" + ext))
-        else:
-            files = []
-            for p in _brace_expand(pattern):
-                files.extend(_glob_files(p) if any(c in p for c in "*?[") else
-                             ([p] if _exists(p) else []))
-        files = sorted(set(files))
-    else:
-        files = [os.fspath(f) for f in pattern_or_files]
-    if not files:
-        raise FileNotFoundError(f"no shard files match {pattern_or_files!r}")
-    return files
-
-
-def _process_part(items: Sequence, process_index: int, process_count: int, what: str) -> list:
-    """Items ``process_index::process_count``; every process must get at least one."""
+def process_part(items: Sequence, process_index: int, process_count: int, what: str) -> list:
+    """Items ``process_index::process_count`` (this process's share of ``what``: shards, images);
+    raises ``ValueError`` if some process would get none."""
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"bad process_index={process_index} / process_count={process_count}")
     part = list(items[process_index::process_count])
@@ -254,7 +177,7 @@ def iter_webdataset_samples(path: str, caption_ext: str = "txt") -> Iterator[dic
             sample["json"] = data
 
     try:
-        with _open(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with fs.open_file(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -290,9 +213,8 @@ def list_image_folder(root: str, caption_ext: str = "txt") -> list[tuple[str, st
     """Sorted ``(image_path, caption_path)`` pairs of a folder, searched recursively; the caption
     path is '' where the image has no caption file (such an example is invalid)."""
     root = os.fspath(root)
-    walk = _tf().io.gfile.walk if _remote(root) else os.walk
     pairs = []
-    for dirpath, _, filenames in walk(root):
+    for dirpath, _, filenames in fs.walk(root):
         names = set(filenames)
         for name in filenames:
             stem, dot, ext = name.rpartition(".")
@@ -309,8 +231,8 @@ def load_folder_example(image_path: str, caption_path: str,
                         image_size: int) -> tuple[np.ndarray, str, bool]:
     """Read and decode one folder example (unreadable files make it invalid)."""
     try:
-        caption = _read_bytes(caption_path) if caption_path else None
-        data = _read_bytes(image_path) if decode_caption(caption) else None
+        caption = fs.read_bytes(caption_path) if caption_path else None
+        data = fs.read_bytes(image_path) if decode_caption(caption) else None
     except Exception:  # noqa: BLE001 -- vanished or unreadable file
         caption, data = None, None
     return decode_pair(data, caption, image_size)
@@ -328,7 +250,7 @@ def _drop_invalid_counting(ds):
     A ``scan`` holds back the latest valid example and charges the invalid ones that follow it;
     a sentinel appended to the (finite) stream flushes the last one, so nothing is lost at the end.
     """
-    tf = _tf()
+    tf = fs.tensorflow()
     spec = ds.element_spec
     blank = {k: tf.zeros(s.shape, s.dtype) for k, s in spec.items()}
     body = ds.map(lambda ex: {**ex, "_end": tf.constant(False)})
@@ -352,12 +274,12 @@ def _drop_invalid_counting(ds):
 
 
 def _finish(ds, drop_invalid: bool):
-    tf = _tf()
+    tf = fs.tensorflow()
     if drop_invalid:
         ds = _drop_invalid_counting(ds)
     else:
         ds = ds.map(lambda ex: {**ex, SKIPPED_KEY: 1 - tf.cast(ex["valid"], tf.int32)})
-    return ds.with_options(_options(tf))
+    return ds.with_options(deterministic_options())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +297,7 @@ def _py_bytes(x) -> bytes:
 def _decode_map(image_size: int):
     """A tf.data map: raw (image bytes, caption bytes) -> image, caption, valid (Pillow, in
     parallel threads; Pillow releases the GIL while it decodes)."""
-    tf = _tf()
+    tf = fs.tensorflow()
 
     def py_decode(image_bytes, caption):
         image, text, valid = decode_pair(_py_bytes(image_bytes), _py_bytes(caption), image_size)
@@ -415,8 +337,8 @@ def webdataset_pairs(pattern_or_files, *, image_size: int, process_index: int = 
       A finite ``tf.data.Dataset`` of dicts ``image`` uint8 [S,S,3], ``caption`` string,
       ``key`` string (``shard.tar/member key``), ``valid`` bool, ``skipped`` int32.
     """
-    tf = _tf()
-    files = _process_part(list_shards(pattern_or_files), process_index, process_count, "shards")
+    tf = fs.tensorflow()
+    files = process_part(list_shards(pattern_or_files), process_index, process_count, "shards")
 
     def gen(path):
         path = os.fsdecode(path)
@@ -447,13 +369,13 @@ def folder_pairs(root, *, image_size: int, process_index: int = 0, process_count
     invalid.  Images ``process_index::process_count`` of the sorted list go to this process;
     ``shuffle_files`` shuffles them by ``seed`` (every pass).  Same output as
     :func:`webdataset_pairs` (``key`` = the path relative to ``root``)."""
-    tf = _tf()
+    tf = fs.tensorflow()
     root = os.fspath(root)
-    pairs = _process_part(list_image_folder(root, caption_ext), process_index, process_count,
+    pairs = process_part(list_image_folder(root, caption_ext), process_index, process_count,
                           "images")
     images = [p for p, _ in pairs]
     captions = [c for _, c in pairs]
-    keys = [os.path.relpath(p, root) if not _remote(root) else p[len(root):].lstrip("/")
+    keys = [os.path.relpath(p, root) if not fs.is_remote(root) else p[len(root):].lstrip("/")
             for p in images]
     ds = tf.data.Dataset.from_tensor_slices({"image": images, "caption": captions, "key": keys})
     if shuffle_files and len(pairs) > 1:
@@ -477,7 +399,7 @@ def folder_pairs(root, *, image_size: int, process_index: int = 0, process_count
 
 
 # ---------------------------------------------------------------------------------------------
-# Precomputed CLIP embeddings (clip-retrieval layout)
+# Batching and global arrays
 # ---------------------------------------------------------------------------------------------
 
 
@@ -490,7 +412,7 @@ def batched(ds, global_batch_size: int, *, process_count: int = 1, shuffle_buffe
     makes the stream endless (the sources re-shuffle their files each pass too).  Raises
     ``ValueError`` if the global batch does not divide over the processes.
     """
-    tf = _tf()
+    tf = fs.tensorflow()
     if global_batch_size < 1 or process_count < 1 or global_batch_size % process_count:
         raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
                          f"process_count={process_count}")
@@ -502,7 +424,7 @@ def batched(ds, global_batch_size: int, *, process_count: int = 1, shuffle_buffe
     ds = ds.batch(per_host, drop_remainder=drop_remainder)
     if prefetch:
         ds = ds.prefetch(prefetch)
-    return ds.with_options(_options(tf))
+    return ds.with_options(deterministic_options())
 
 
 def as_numpy_iterator(ds) -> Iterator[dict]:
@@ -557,5 +479,5 @@ __all__ = [
     "batched", "to_global_arrays", "as_numpy_iterator", "skipped_count",
     "list_shards", "list_image_folder", "iter_webdataset_samples",
     "decode_image", "decode_caption", "decode_pair", "load_folder_example",
-    "write_webdataset_shard",
+    "write_webdataset_shard", "deterministic_options", "process_part",
 ]

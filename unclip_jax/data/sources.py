@@ -5,19 +5,38 @@ run sees exactly the batches an uninterrupted run would have seen. Each batch co
 of examples skipped while making it (undecodable images, empty captions).
 
 Sources (config `data.source`):
-  shapes      the procedural shapes world (the embedded default), pre-rendered once and cached
-  webdataset  img2dataset tar shards (data.path: a glob or directory)
-  folder      a folder of images with same-stem .txt captions
+  shapes           the procedural shapes world (the embedded default), pre-rendered once and cached
+  webdataset       img2dataset tar shards (data.path: a glob, a {a..b} range or a directory)
+  folder           a folder of images with same-stem .txt captions (data.path)
+  tfds             either of the two above, prepared once as a TFDS dataset
+                   (unclip_jax.data.tfds_builders) and read from there: data.path the source,
+                   data.tfds_builder 'webdataset' | 'folder' ('' : webdataset if data.path
+                   names .tar shards, else folder), data.tfds_dir the TFDS data_dir ('' :
+                   data.cache_dir/tfds, or TFDS's default ~/tensorflow_datasets without a
+                   cache_dir), data.tfds_name the builder config name ('' : made from the
+                   source path and the image size). The first use prepares it (process 0; the
+                   others wait for it); later uses read the prepared split. The examples skipped
+                   while preparing are counted once, in the builder's metadata (logged), so the
+                   batches carry 0. A changed source is not noticed: use a new tfds_name.
+  clip_embeddings  precomputed CLIP embeddings (data.path; unclip_jax.data.clip_embeddings): no
+                   images -- the prior's source, read by clip_embeddings.embedding_batches
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import time
 from typing import Any, Iterator
 
 import numpy as np
 
-SOURCES = ("shapes", "webdataset", "folder")
+log = logging.getLogger(__name__)
+
+SOURCES = ("shapes", "webdataset", "folder", "tfds", "clip_embeddings")
+#: Sources of images with captions, which image_text_batches reads.
+IMAGE_SOURCES = ("shapes", "webdataset", "folder", "tfds")
 
 
 def shapes_arrays(n: int, seed: int, image_size: int, split: str = "train",
@@ -62,6 +81,11 @@ def image_text_batches(data_cfg, *, image_size: int, batch_size: int, seed: int,
     source = data_cfg.source
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; expected one of {SOURCES}")
+    if source == "clip_embeddings":
+        raise ValueError(
+            "data.source='clip_embeddings' carries no images: precomputed CLIP embeddings are the "
+            "diffusion prior's training source (unclip_jax.data.clip_embeddings."
+            f"embedding_batches); this stage needs images and captions: one of {IMAGE_SOURCES}")
     if source == "shapes":
         d = shapes_arrays(int(data_cfg.num_examples), int(data_cfg.get("seed", 0)), image_size,
                           cache_dir=data_cfg.get("cache_dir") or None)
@@ -75,6 +99,11 @@ def image_text_batches(data_cfg, *, image_size: int, batch_size: int, seed: int,
             caps = [d["captions"][i][int(u * len(d["captions"][i]))] for i, u in zip(idx, pick)]
             yield {"image": d["image"][idx], "caption": caps}, 0
             step += 1
+    if source == "tfds":
+        yield from _tfds_batches(data_cfg, image_size=image_size, batch_size=batch_size,
+                                 seed=seed, start_step=start_step, process_index=process_index,
+                                 process_count=process_count)
+        return
     yield from _tfdata_batches(data_cfg, image_size=image_size, batch_size=batch_size, seed=seed,
                                start_step=start_step, process_index=process_index,
                                process_count=process_count)
@@ -94,8 +123,80 @@ def _tfdata_batches(data_cfg, *, image_size, batch_size, seed, start_step, proce
         ds = pipelines.webdataset_pairs(data_cfg.path, **kw)
     else:
         ds = pipelines.folder_pairs(data_cfg.path, **kw)
+    yield from _numpy_batches(ds, data_cfg, batch_size=batch_size, seed=seed,
+                              start_step=start_step, process_count=process_count)
+
+
+def _numpy_batches(ds, data_cfg, *, batch_size, seed, start_step, process_count):
+    """Shuffle, repeat and batch a per-process tf.data stream of pairs; skip the `start_step`
+    batches a resumed run has already seen; yield (dict(image, caption list[str]), skipped)."""
+    from unclip_jax.data import pipelines
+
     ds = pipelines.batched(ds, batch_size * process_count, process_count=process_count,
                            shuffle_buffer=int(data_cfg.get("shuffle_buffer", 10000)), seed=seed)
     for b in pipelines.as_numpy_iterator(ds.skip(start_step)):
         caps = [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in b["caption"]]
         yield {"image": b["image"], "caption": caps}, int(np.sum(b["skipped"]))
+
+
+def tfds_builder_for(data_cfg, image_size: int):
+    """The (maybe not yet prepared) TFDS builder of `data.source='tfds'` (see the module
+    docstring for data.tfds_builder / tfds_dir / tfds_name)."""
+    from unclip_jax.data import fs, tfds_builders
+
+    if not data_cfg.path:
+        raise ValueError("data.source='tfds' needs data.path (the webdataset shards or image "
+                         "folder to prepare)")
+    path = os.fspath(data_cfg.path)
+    kind = data_cfg.get("tfds_builder", "") or ""
+    if not kind:
+        try:
+            fs.list_shards(path)
+            kind = "webdataset"
+        except FileNotFoundError:
+            kind = "folder"
+    if kind not in ("webdataset", "folder"):
+        raise ValueError(f"data.tfds_builder={kind!r}: expected 'webdataset' or 'folder'")
+    data_dir = data_cfg.get("tfds_dir", "") or ""
+    if not data_dir and data_cfg.get("cache_dir", ""):
+        data_dir = os.path.join(data_cfg.cache_dir, "tfds")
+    name = data_cfg.get("tfds_name", "") or ""
+    if not name:  # one prepared dataset per source path and image size
+        full = path if fs.is_remote(path) else os.path.abspath(path)
+        base = os.path.basename(os.path.normpath(path.rstrip("/"))) or "source"
+        base = "".join(c if c.isalnum() or c in "_-" else "_" for c in base)
+        name = f"{base}_{image_size}_{hashlib.sha1(full.encode()).hexdigest()[:8]}"
+    return tfds_builders.get_builder(kind, path, data_dir=data_dir or None, name=name,
+                                     image_size=image_size)
+
+
+def _tfds_batches(data_cfg, *, image_size, batch_size, seed, start_step, process_index,
+                  process_count):
+    """`data.source='tfds'`: prepare the TFDS dataset on first use (process 0; the others wait
+    for it, at most data.tfds_wait_s seconds), then batches of this process's
+    tfds.even_splits part, resumed by skipping the batches already seen."""
+    from unclip_jax.data import tfds_builders
+
+    builder = tfds_builder_for(data_cfg, image_size)
+    if not builder.is_prepared():
+        if process_index == 0:
+            log.info("preparing TFDS dataset %s/%s from %s in %s", builder.name,
+                     builder.builder_config.name, data_cfg.path, builder.data_dir)
+            builder.download_and_prepare()
+        else:
+            deadline = time.monotonic() + float(data_cfg.get("tfds_wait_s", 3600))
+            while not builder.is_prepared():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"process {process_index}: TFDS dataset "
+                                       f"{builder.builder_config.name} in {builder.data_dir} was "
+                                       "not prepared by process 0 in time")
+                time.sleep(5)
+                builder = tfds_builder_for(data_cfg, image_size)
+        builder = tfds_builder_for(data_cfg, image_size)  # reload the prepared dataset's info
+    log.info("TFDS dataset %s/%s: %s examples (%s source examples skipped while preparing)",
+             builder.name, builder.builder_config.name, builder.info.splits["train"].num_examples,
+             builder.info.metadata.get("skipped_examples"))
+    ds = tfds_builders.as_pairs_dataset(builder, process_index=process_index,
+                                        process_count=process_count, seed=seed)
+    yield from _numpy_batches(ds, data_cfg, batch_size=batch_size, seed=seed,
+                              start_step=start_step, process_count=process_count)

@@ -30,6 +30,7 @@ import os
 
 import numpy as np
 
+from unclip_jax.data import fs
 from unclip_jax.data import pipelines as P
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def _classes():
 
     import tensorflow_datasets as tfds
 
-    P._tf()  # TensorFlow off the GPU before TFDS touches it
+    fs.tensorflow()  # TensorFlow off the GPU before TFDS touches it
 
     @dataclasses.dataclass
     class PairsConfig(tfds.core.BuilderConfig):
@@ -125,7 +126,7 @@ def _classes():
 
         def _examples(self):
             cfg = self.builder_config
-            for path in P.list_shards(cfg.source):
+            for path in fs.list_shards(cfg.source):
                 shard = os.path.basename(path)
                 for s in P.iter_webdataset_samples(path, caption_ext=cfg.caption_ext):
                     image = s["image"] if s["caption"] is not None else None
@@ -144,8 +145,8 @@ def _classes():
             for image_path, caption_path in P.list_image_folder(root, cfg.caption_ext):
                 key = os.path.relpath(image_path, root)
                 try:
-                    caption = P._read_bytes(caption_path) if caption_path else None
-                    data = P._read_bytes(image_path) if P.decode_caption(caption) else None
+                    caption = fs.read_bytes(caption_path) if caption_path else None
+                    data = fs.read_bytes(image_path) if P.decode_caption(caption) else None
                 except OSError:
                     caption, data = None, None
                 yield key, data, caption
@@ -174,7 +175,7 @@ def as_pairs_dataset(builder, *, process_index: int = 0, process_count: int = 1,
     were counted when the dataset was built), ready for :func:`pipelines.batched`."""
     import tensorflow_datasets as tfds
 
-    tf = P._tf()
+    tf = fs.tensorflow()
     split = tfds.even_splits("train", n=process_count)[process_index]
     ds = builder.as_dataset(split=split, shuffle_files=shuffle_files,
                             read_config=tfds.ReadConfig(shuffle_seed=seed))
