@@ -222,3 +222,38 @@ def test_stage_record_keeps_paths_absolute(tmp_path, monkeypatch):
                                                "clip_dir": cfg.clip_dir})
     assert rec.paths["tokenizer"] == os.path.join(str(tmp_path), "w", "tokenizer")
     assert rec.paths["clip_dir"] == "gs://b/clip" and rec.model == {"d": 1}
+
+
+def test_prior_from_precomputed_embeddings_equals_clip_on_the_fly(clip_workdir, tmp_path):
+    """A prior trained from an embeddings set (no images, no CLIP in the step) takes the same
+    steps as one computing CLIP's embeddings on the fly, for the same examples and seed."""
+    from unclip_jax.data.sources import image_text_batches
+    from unclip_jax.stages import build_stage
+    from unclip_jax.stages.conditioning import precompute_embeddings
+
+    clip_dir = os.path.join(clip_workdir[0], "clip")
+    over = ["data.num_examples=16", "batch_size=8", "total_steps=3", "stats_batches=2",
+            "optimizer.warmup_steps=0", "optimizer.eps=1e-3", f"clip_dir={clip_dir}"]
+    on_the_fly = tiny("prior", *over)
+    stage = build_stage(on_the_fly, str(tmp_path / "a"))
+    root = str(tmp_path / "emb")
+    # the examples of the on-the-fly run's steps 0, 1, 2, in order
+    raw = image_text_batches(on_the_fly.data, image_size=int(on_the_fly.data.image_size),
+                             batch_size=8, seed=int(on_the_fly.seed), start_step=0)
+    precompute_embeddings(stage.clip, stage.tokenizer, (next(raw) for _ in range(3)), root)
+    a = train(on_the_fly, str(tmp_path / "a"), progress=False)
+    emb_cfg = tiny("prior", *over, "data.source=clip_embeddings", f"data.path={root}",
+                   "data.order=sequential")
+    b = train(emb_cfg, str(tmp_path / "b"), progress=False)
+    assert_trees_close(a.state.params, b.state.params, 1e-5)
+    np.testing.assert_allclose([h["loss"] for h in a.history], [h["loss"] for h in b.history],
+                               rtol=1e-5)
+    assert b.history[-1]["loss"] != a.history[0]["loss"]  # the steps did move the params
+
+    # a set recorded as made by another CLIP is refused, naming what differs
+    info_path = os.path.join(root, "embeddings.json")
+    info = json.load(open(info_path))
+    info["model"]["source"] = "/elsewhere/clip"
+    json.dump(info, open(info_path, "w"))
+    with pytest.raises(ValueError, match="re-embed"):
+        build_stage(emb_cfg, str(tmp_path / "c"))

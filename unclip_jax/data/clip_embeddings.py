@@ -563,7 +563,9 @@ def embedding_batches(data_cfg, *, batch_size: int, seed: int, start_step: int,
     ``p`` takes rows ``p*B:(p+1)*B`` of it -- so the stream can start at any ``start_step`` (a
     resumed run sees the batches an uninterrupted one would) and does not depend on how many
     processes share the global batch.  A drawn row with a non-finite value is replaced by a
-    redraw from ``(seed, s, position)``, and counted.
+    redraw from ``(seed, s, position)``, and counted. ``data_cfg.order="sequential"`` reads
+    the rows in their stored order instead (step ``s`` takes global rows ``s*G .. s*G+G-1``,
+    wrapping around; for a set shuffled when it was made).
 
     Shards are memory-mapped (local) or read into memory (remote), float16 is widened to
     float32.  The set must have the hidden states (``text_hidden``/``text_mask`` shards); call
@@ -612,9 +614,15 @@ def embedding_batches(data_cfg, *, batch_size: int, seed: int, start_step: int,
 
     global_batch = batch_size * process_count
     first = process_index * batch_size
+    order = _cfg(data_cfg, "order") or "random"
+    if order not in ("random", "sequential"):
+        raise ValueError(f"data.order must be 'random' or 'sequential', got {order!r}")
     step = int(start_step)
     while True:
-        idx = _rows_rng(seed, step).integers(n, size=global_batch)[first:first + batch_size]
+        if order == "sequential":
+            idx = (step * global_batch + first + np.arange(batch_size, dtype=np.int64)) % n
+        else:
+            idx = _rows_rng(seed, step).integers(n, size=global_batch)[first:first + batch_size]
         batch = gather(idx)
         skipped = 0
         for j in np.flatnonzero(~finite(batch)):

@@ -85,13 +85,18 @@ class CLIPConditionedStage:
         text, hidden = clip.encode_text(frozen["text"], batch["input_ids"])
         return jax.lax.stop_gradient((image, text, hidden))
 
+    def null_encoding(self, frozen):
+        """The empty prompt's (text embedding [1, E], hidden states [1, L, D], mask [1, L])."""
+        null_text, null_hidden = self.clip.encode_text(frozen["text"], frozen["null_ids"])
+        return jax.lax.stop_gradient(null_text), jax.lax.stop_gradient(null_hidden), \
+            frozen["null_mask"]
+
     def drop_text(self, frozen, rng, p: float, text, hidden, mask):
         """Replace each row's text by the empty prompt's with probability p."""
-        null_text, null_hidden = self.clip.encode_text(frozen["text"], frozen["null_ids"])
+        null_text, null_hidden, null_mask = self.null_encoding(frozen)
         dropped = drop(rng, p, text.shape[0])
-        return (select_rows(dropped, text, jax.lax.stop_gradient(null_text)),
-                select_rows(dropped, hidden, jax.lax.stop_gradient(null_hidden)),
-                select_rows(dropped, mask, frozen["null_mask"]))
+        return (select_rows(dropped, text, null_text), select_rows(dropped, hidden, null_hidden),
+                select_rows(dropped, mask, null_mask))
 
     def dummy_batch(self, batch_size):
         s = int(self.config.data.image_size)
@@ -108,3 +113,36 @@ class CLIPConditionedStage:
                 process_index=process_index, process_count=process_count):
             ids, mask = tokenize_captions(self.tokenizer, raw["caption"], self.L)
             yield {"image": raw["image"], "input_ids": ids, "text_mask": mask}, skipped
+
+
+def precompute_embeddings(clip, tokenizer, batches, root: str, *, shard: int = 0) -> dict:
+    """Write the CLIP embeddings of image-caption batches ((dict(image uint8, caption), skipped)
+    pairs, e.g. `data.sources.image_text_batches`) as one shard of an embeddings set at `root`
+    (`data.clip_embeddings` layout, with text hidden states and the empty prompt's encoding),
+    for a prior that trains with `data.source=clip_embeddings`. Returns the set's info."""
+    from unclip_jax.data import clip_embeddings as E
+
+    tp = clip.text_params
+    enc_text = jax.jit(clip.encode_text)
+    L = clip.context_length
+    cols = {"image_embed": [], "text_embed": [], "text_hidden": [], "text_mask": []}
+    captions = []
+    for raw, _ in batches:
+        ids, mask = tokenize_captions(tokenizer, raw["caption"], L)
+        text, hidden = enc_text(tp, jnp.asarray(ids))
+        cols["image_embed"].append(clip.embed_images(raw["image"]))
+        cols["text_embed"].append(np.asarray(text))
+        cols["text_hidden"].append(np.asarray(hidden))
+        cols["text_mask"].append(mask)
+        captions += list(raw["caption"])
+    arrays = {k: np.concatenate(v) for k, v in cols.items()}
+    E.write_embeddings(root, shard, captions=captions, **arrays)
+    null_ids, null_mask = tokenize_captions(tokenizer, [""], L)
+    null_text, null_hidden = enc_text(tp, jnp.asarray(null_ids))
+    info = {"model": clip.description(), "embed_dim": clip.embed_dim, "text_len": L,
+            "text_width": int(arrays["text_hidden"].shape[-1]),
+            "null": {"text_embed": np.asarray(null_text)[0],
+                     "text_hidden": np.asarray(null_hidden)[0], "text_mask": null_mask[0]}}
+    E.write_embeddings_info(root, info)
+    return info
+

@@ -1,9 +1,15 @@
 """The prior stage: MSE on the predicted clean (normalised) CLIP image embedding; the text
 conditioning is replaced by the empty prompt's 10% of the time (for classifier-free guidance).
 
-CLIP is frozen: the image and text embeddings are computed inside the step from CLIP's params.
+CLIP is frozen. With an image source the image and text embeddings are computed inside the step
+from CLIP's params; with `data.source=clip_embeddings` the prior trains from a precomputed
+embeddings set alone (`data.clip_embeddings`; written e.g. by
+`stages.conditioning.precompute_embeddings`): no images and no CLIP in the step. A set made by
+another CLIP than the run's (other widths, or another recorded model) is refused.
 """
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +20,9 @@ from unclip_jax.models import prior as prior_lib
 from unclip_jax.models.prior import PriorConfig, PriorTransformer
 from unclip_jax.stages.conditioning import CLIPConditionedStage
 from unclip_jax.train.stage import Stage
-from unclip_jax.workdir import StageRecord
+from unclip_jax.workdir import StageRecord, has_checkpoints, load_frozen_clip
+
+EMBEDDINGS = "clip_embeddings"
 
 
 class PriorStage(CLIPConditionedStage, Stage):
@@ -26,11 +34,41 @@ class PriorStage(CLIPConditionedStage, Stage):
         self.diffusion = GaussianDiffusion(DiffusionConfig.from_dict(config.diffusion.to_dict()))
         if self.diffusion.config.prediction != "x0":
             raise ValueError("the prior predicts the clean embedding: diffusion.prediction='x0'")
-        self._setup_clip(config, workdir, self.cfg.embedding_dim, "embedding_dim")
+        self.from_embeddings = config.data.source == EMBEDDINGS
+        if self.from_embeddings:
+            self._setup_embeddings(config, workdir)
+        else:
+            self._setup_clip(config, workdir, self.cfg.embedding_dim, "embedding_dim")
+            self.text_width = self.clip.text_config.hidden_size
         if self.cfg.num_text_tokens != self.L:
             raise ValueError(f"the prior's num_text_tokens {self.cfg.num_text_tokens} differs "
                              f"from CLIP's context length {self.L}")
         self._denoise = prior_lib.denoiser(self.cfg)
+
+    def _setup_embeddings(self, config, workdir):
+        """Read the embeddings set's record; check it against the run's CLIP where one is known
+        (config.clip_dir, or a trained WORKDIR/clip)."""
+        from unclip_jax.data import clip_embeddings as E
+
+        root = config.data.path
+        if not root:
+            raise ValueError("data.source=clip_embeddings needs data.path (the embeddings set)")
+        clip_dir = config.clip_dir or (os.path.join(workdir, "clip") if workdir else "")
+        clip = None
+        if config.clip_dir or (clip_dir and has_checkpoints(clip_dir)):
+            clip = load_frozen_clip(clip_dir)
+        self.clip_dir = clip_dir if clip is not None else ""
+        info = E.check_embeddings(root, embed_dim=self.cfg.embedding_dim,
+                                  text_len=self.cfg.num_text_tokens,
+                                  model=None if clip is None else clip.description())
+        if not info:
+            raise ValueError(f"the embeddings set at {root} records no embeddings.json (how it "
+                             "was made, the empty prompt's encoding): write it with "
+                             "data.clip_embeddings.write_embeddings_info, or re-embed")
+        info = E.read_embeddings_info(root)
+        self.L, self.text_width = int(info["text_len"]), int(info["text_width"])
+        self.null = {k: np.asarray(v) for k, v in info["null"].items()}
+        self.tokenizer_path = config.get("tokenizer") or (clip.tokenizer_path if clip else "")
 
     def model(self):
         return PriorTransformer(self.cfg)
@@ -38,18 +76,59 @@ class PriorStage(CLIPConditionedStage, Stage):
     def record(self) -> StageRecord:
         # the pipeline samples the prior with DDPM (Karlo's), clipping x0 at the model's range
         sampling = StageSampling(self.diffusion.config, self.cfg.clip_x0, method="ddpm")
-        return StageRecord("prior", self.cfg.to_dict(), sampling, paths=self.paths(),
+        data = {"source": str(self.config.data.source)}
+        return StageRecord("prior", self.cfg.to_dict(), sampling, data=data, paths=self.paths(),
                            train=self.config_json())
 
     def init_variables(self, rng, batch):
-        b, D = batch["input_ids"].shape[0], self.cfg.embedding_dim
+        b, D = batch["text_mask"].shape[0], self.cfg.embedding_dim
         return self.model().init(rng, jnp.zeros((b, D)), jnp.zeros((b,), jnp.int32),
                                  jnp.zeros((b, self.cfg.text_embed_dim)),
-                                 jnp.zeros((b, self.L, self.clip.text_config.hidden_size)),
+                                 jnp.zeros((b, self.L, self.text_width)),
                                  jnp.ones((b, self.L), bool))
 
     def trainable(self, params):
         return prior_lib.trainable_mask(params)
+
+    # -- the conditioning: computed by CLIP in the step, or read from the embeddings set --------
+    def frozen(self):
+        if not self.from_embeddings:
+            return super().frozen()
+        boxed = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in self.null.items()}
+        return boxed, dict(self.null)
+
+    def null_encoding(self, frozen):
+        if not self.from_embeddings:
+            return super().null_encoding(frozen)
+        return frozen["text_embed"], frozen["text_hidden"], frozen["text_mask"]
+
+    def embeddings(self, frozen, batch):
+        """(image embedding [B, E], text embedding [B, E], hidden states [B, L, D], mask [B, L])."""
+        if self.from_embeddings:
+            return (batch["image_embed"], batch["text_embed"], batch["text_hidden"],
+                    batch["text_mask"])
+        image, text, hidden = self.conditioning(frozen, batch)
+        return image, text, hidden, batch["text_mask"]
+
+    def dummy_batch(self, batch_size):
+        if not self.from_embeddings:
+            return super().dummy_batch(batch_size)
+        E = self.cfg.embedding_dim
+        return {"image_embed": np.zeros((batch_size, E), np.float32),
+                "text_embed": np.zeros((batch_size, E), np.float32),
+                "text_hidden": np.zeros((batch_size, self.L, self.text_width), np.float32),
+                "text_mask": np.ones((batch_size, self.L), bool)}
+
+    def batches(self, *, batch_size, seed, start_step, process_index, process_count):
+        if not self.from_embeddings:
+            yield from super().batches(batch_size=batch_size, seed=seed, start_step=start_step,
+                                       process_index=process_index, process_count=process_count)
+            return
+        from unclip_jax.data.clip_embeddings import embedding_batches
+
+        yield from embedding_batches(self.config.data, batch_size=batch_size, seed=seed,
+                                     start_step=start_step, process_index=process_index,
+                                     process_count=process_count)
 
     def post_init(self, params, batches):
         """clip_mean / clip_std from the image embeddings of a few batches (Karlo's statistics)."""
@@ -58,16 +137,17 @@ class PriorStage(CLIPConditionedStage, Stage):
         embs = []
         for _ in range(int(self.config.get("stats_batches", 8))):
             batch, _ = next(batches)
-            embs.append(self.clip.embed_images(batch["image"]))
+            embs.append(np.asarray(batch["image_embed"]) if self.from_embeddings
+                        else self.clip.embed_images(batch["image"]))
         e = np.concatenate(embs)
         return prior_lib.set_embedding_stats(jax.device_get(params), e.mean(0),
                                              e.std(0) + 1e-6)
 
     def loss(self, params, batch, rng, frozen):
-        image, text, hidden = self.conditioning(frozen, batch)
+        image, text, hidden, mask = self.embeddings(frozen, batch)
         keys = jax.random.split(rng, 4)  # text dropout; then timestep, noise, dropout
         text, hidden, mask = self.drop_text(frozen, keys[0], float(self.config.cond_drop.text),
-                                            text, hidden, batch["text_mask"])
+                                            text, hidden, mask)
         x0 = prior_lib.normalize_embedding(image, self.cfg, params)
         cond = dict(text_embed=text, text_hidden=hidden, text_mask=mask)
         loss, _, pred = self.diffusion.training_loss(self._denoise, params, x0, cond, keys[1:],

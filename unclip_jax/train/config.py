@@ -122,9 +122,14 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         weight_decay=0.0, clip_norm=1.0))
     c.ema = ml_collections.ConfigDict({"decay": 0.9999})
     c.checkpoint = ml_collections.ConfigDict({"every": 500, "keep": 3, "async_save": True})
+    # data.source: shapes | webdataset | folder | tfds (the TFDS builders of webdataset shards or
+    # folders: tfds_builder 'webdataset' | 'folder' ('' = guess from path), prepared under
+    # tfds_dir as tfds_name) | clip_embeddings (the prior only: precomputed CLIP embeddings with
+    # text hidden states, read in `order` 'random' or 'sequential')
     c.data = ml_collections.ConfigDict(dict(
         source="shapes", path="", num_examples=8000, seed=0, image_size=64, cache_dir="",
-        shuffle_buffer=10000))
+        shuffle_buffer=10000, tfds_builder="", tfds_dir="", tfds_name="", tfds_wait_s=3600,
+        order="random"))
     return c
 
 
