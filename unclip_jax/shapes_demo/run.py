@@ -14,7 +14,7 @@ STAGES = ("clip", "prior", "decoder", "upsampler")
 
 
 def configs_dir() -> str:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.path.join(here, "configs")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"the configs/ directory was not found next to the package "

@@ -12,7 +12,7 @@ from unclip_jax.diffusion import (
 from unclip_jax.images import to_model_range
 from unclip_jax.models import decoder as decoder_lib
 from unclip_jax.models.decoder import Decoder, DecoderConfig
-from unclip_jax.stages.conditioning import CLIPConditionedStage, drop
+from unclip_jax.stages.conditioning import CLIPConditionedStage, drop, tokenize_captions
 from unclip_jax.train.stage import Stage
 from unclip_jax.workdir import StageRecord
 
@@ -61,11 +61,17 @@ class DecoderStage(CLIPConditionedStage, Stage):
         return jnp.mean(loss), {k: jnp.mean(v) for k, v in aux.items()}
 
     def preview_batch(self, n: int = 8) -> dict:
-        """The first n examples of the data (seed 12345): what the training preview decodes."""
+        """The first n examples of the data (seed 12345), what the training preview decodes:
+        image, input_ids, text_mask (arrays) and caption (the strings)."""
+        from unclip_jax.data.sources import image_text_batches
+
         if getattr(self, "_look", None) is None or len(self._look["image"]) != n:
-            batch, _ = next(self.batches(batch_size=n, seed=12345, start_step=0,
-                                         process_index=0, process_count=1))
-            self._look = {k: jnp.asarray(v) for k, v in batch.items()}
+            raw, _ = next(image_text_batches(
+                self.config.data, image_size=int(self.config.data.image_size), batch_size=n,
+                seed=12345, start_step=0))
+            ids, mask = tokenize_captions(self.tokenizer, raw["caption"], self.L)
+            self._look = {"image": jnp.asarray(raw["image"]), "input_ids": jnp.asarray(ids),
+                          "text_mask": jnp.asarray(mask), "caption": list(raw["caption"])}
         return self._look
 
     def sample_images(self, params, frozen, rng, n: int = 8, steps: int = 25):
