@@ -50,8 +50,11 @@ class PriorStage(CLIPConditionedStage, Stage):
         return prior_lib.trainable_mask(params)
 
     def post_init(self, params, batches):
-        """clip_mean / clip_std from the image embeddings of a few batches (Karlo's statistics)."""
-        if self.cfg.embedding_norm != "meanstd":
+        """The embedding statistics from the image embeddings of a few batches: clip_mean /
+        clip_std ('meanstd', Karlo's), or clip_norm, their mean L2 norm ('scale' / 'l2': the
+        scale the prior's samples are handed to the decoder at)."""
+        mode = self.cfg.embedding_norm
+        if mode not in ("meanstd", "scale", "l2"):
             return params
         frozen = self.frozen()[1]
         enc = jax.jit(lambda f, b: self.conditioning(f, b)[0])
@@ -60,6 +63,9 @@ class PriorStage(CLIPConditionedStage, Stage):
             batch, _ = next(batches)
             embs.append(np.asarray(enc(frozen, {k: jnp.asarray(v) for k, v in batch.items()})))
         e = np.concatenate(embs)
+        if mode != "meanstd":
+            norm = float(np.mean(np.linalg.norm(e.astype(np.float64), axis=-1)))
+            return prior_lib.set_embedding_stats(jax.device_get(params), norm=norm)
         return prior_lib.set_embedding_stats(jax.device_get(params), e.mean(0),
                                              e.std(0) + 1e-6)
 
