@@ -1,7 +1,10 @@
 """CLIP stage. Sizes: tiny (CPU tests), demo (the shapes demo), paper / karlo (ViT-L/14, as the
 released OpenAI CLIP that Karlo uses; the paper's ViT-H/16 is unreleased).
 
-    unclip-jax train --config configs/clip.py:size=tiny --config.tokenizer=DIR --workdir W
+    unclip-jax train --config configs/clip.py:size=tiny --workdir W
+
+On the shapes source, without --config.tokenizer=DIR, the stage trains a BPE tokenizer on the
+shapes captions into W/tokenizer; other sources need --config.tokenizer=DIR.
 """
 import ml_collections
 
@@ -35,7 +38,7 @@ def get_config(arg=None):
                   pad_token_id=1, projection_dim=s["projection_dim"]),
         vision=dict(s["vision"], hidden_act="quick_gelu", projection_dim=s["projection_dim"]),
         projection_dim=s["projection_dim"], logit_scale_init=2.6592))
-    c.tokenizer = ""  # a tokenizer directory (transformers format)
+    c.tokenizer = ""  # a tokenizer directory (transformers format); "" on shapes: W/tokenizer
     c.data.image_size = s["image"]
     set_run_length(c, small=size in ("tiny", "demo"), batch=s["batch"], steps=s["steps"],
                    lr_small=1e-3, lr_large=5e-4, weight_decay_large=0.1)

@@ -1,5 +1,6 @@
 """Upsampler stage. Sizes: tiny (16 -> 32, CPU tests), demo (32 -> 64), sr256 (the paper's
-64 -> 256 with Gaussian blur, Karlo-like 320-wide, no attention), sr1024 (256 -> 1024 with
+64 -> 256 with Gaussian blur, Karlo-like 320-wide, no attention), karlo (sr256 as Karlo's
+super_res_first: timestep embedding added, no scale-shift norm), sr1024 (256 -> 1024 with
 BSR degradation). Trained on random crops of 1/4 of the target area.
 """
 import ml_collections
@@ -16,7 +17,9 @@ SIZES = {
     "sr1024": dict(channels=(192, 384, 576, 768), layers=2, groups=32, out=1024, low=256,
                    crop=512, deg="bsr", batch=512, steps=1_000_000),
 }
-SIZES["karlo"] = SIZES["sr256"]
+# Karlo's 64 -> 256 super_res_first: sr256's layout with the timestep embedding added to the
+# hidden state (diffusers' resnet_time_scale_shift="default", not ADM's scale-shift norm)
+SIZES["karlo"] = dict(SIZES["sr256"], time_shift="default")
 
 
 def get_config(arg=None):
@@ -25,7 +28,8 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict(dict(
         in_channels=6, out_channels=3, sample_size=s["out"], block_out_channels=s["channels"],
         layers_per_block=s["layers"], attention_levels=(False,) * len(s["channels"]),
-        mid_block="resnets", norm_groups=s["groups"], resnet_time_scale_shift="scale_shift",
+        mid_block="resnets", norm_groups=s["groups"],
+        resnet_time_scale_shift=s.get("time_shift", "scale_shift"),
         resblock_updown=True, noise_level_cond=False, dtype="float32", param_dtype="float32"))
     c.diffusion = ml_collections.ConfigDict(dict(  # v for the demo: see configs/decoder.py
         schedule="cosine", num_train_steps=1000, prediction="v" if size == "demo" else "eps",

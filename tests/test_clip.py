@@ -287,3 +287,60 @@ def test_tokenizer_pads_truncates_and_warns_once(tiny_tokenizer_dir):
     assert "2 of 3" in str(rec[0].message)
     assert ids.shape == (3, 6) and mask[0].tolist() == [1] * 6
     assert ids[0, 0] == bos and ids[0, -1] == eos  # special tokens survive truncation
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLIP stage's tokenizer
+# ---------------------------------------------------------------------------------------------
+def _tiny_clip_config(*overrides):
+    import os
+
+    from unclip_jax.train.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return load_config(os.path.join(root, "configs", "clip.py") + ":size=tiny",
+                       ["data.num_examples=40", *overrides])
+
+
+def test_clip_stage_on_shapes_trains_its_tokenizer(tmp_path, monkeypatch):
+    """A new user's `train --config configs/clip.py:size=tiny --workdir W` has no tokenizer: on
+    the shapes source the stage trains one into W/tokenizer and the stage record names it."""
+    import os
+
+    from unclip_jax.data import shapes
+    from unclip_jax.data.tokenizer import tokenize
+    from unclip_jax.stages.clip import make_stage
+    from unclip_jax.train.trainer import _stage_record
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _tiny_clip_config()
+    assert cfg.tokenizer == "" and cfg.data.source == "shapes"
+    stage = make_stage(cfg, "w")  # a relative workdir: the recorded path is absolute
+    path = os.path.join(str(tmp_path), "w", "tokenizer")
+    assert cfg.tokenizer == path and os.path.exists(os.path.join(path, "tokenizer.json"))
+    assert _stage_record(stage, cfg)["train"]["tokenizer"] == path
+    vocab, L = stage.cfg.text.vocab_size, stage.cfg.text.max_position_embeddings
+    tok = stage.tokenizer
+    cap = shapes.captions(shapes.sample_scenes("train", 1, seed=0)[0])[0]
+    ids, mask = tokenize(tok, [cap], L)
+    n = int(mask[0].sum())
+    assert ids.shape == (1, L) and 3 <= n < L
+    assert 0 <= ids.min() and ids.max() < vocab
+    assert ids[0, 0] == tok.bos_token_id and ids[0, n - 1] == tok.eos_token_id
+    assert tok.decode(ids[0, 1:n - 1]).strip() == cap.lower()
+    assert n - 2 < len(cap.split()) * 2  # merged words, not a byte per character
+    # a second stage (a resumed run) reuses the tokenizer
+    before = os.path.getmtime(os.path.join(path, "tokenizer.json"))
+    cfg2 = _tiny_clip_config()
+    make_stage(cfg2, "w")
+    assert cfg2.tokenizer == path
+    assert os.path.getmtime(os.path.join(path, "tokenizer.json")) == before
+
+
+def test_clip_stage_without_tokenizer_on_other_sources_says_how_to_get_one(tmp_path):
+    from unclip_jax.stages.clip import make_stage
+
+    cfg = _tiny_clip_config("data.source=folder", f"data.path={tmp_path}")
+    with pytest.raises(ValueError, match=r"config\.tokenizer.*'folder'.*train_tokenizer"):
+        make_stage(cfg, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()

@@ -252,6 +252,50 @@ def test_slerp_endpoints_and_norm():
     np.testing.assert_allclose(mid / np.linalg.norm(mid), [np.sqrt(0.5)] * 2, rtol=1e-5)
 
 
+def test_textdiff_uses_the_normalised_text_diff(monkeypatch):
+    """textdiff follows the paper: z_d = norm(z_t - z_t0) of the L2-NORMALISED text embeddings,
+    and the decoded embeddings are slerp(z_i, z_d |z_i|, theta) (closed form, in numpy). CLIP and
+    the decoder are mocked: textdiff's arithmetic alone is under test."""
+    from types import SimpleNamespace
+
+    import jax.numpy as jnp
+
+    from unclip_jax.manipulate import Manipulator
+
+    rng = np.random.default_rng(0)
+    e = 6
+    # text embeddings of very different norms (as raw CLIP text embeddings have): the raw
+    # difference points elsewhere than the difference of the unit vectors
+    table = {"a red circle": rng.normal(size=e) * 20.0, "a blue square": rng.normal(size=e) * 0.5}
+    z_i = rng.normal(size=(1, e)) * 3.0
+
+    class Pipe:
+        clip = SimpleNamespace(vision_config=SimpleNamespace(image_size=8), vision_params=None,
+                               encode_image=None)
+        decoder = SimpleNamespace(config=SimpleNamespace(unet=SimpleNamespace(sample_size=8)))
+
+        def encode_text(self, prompts):
+            return {"text_embed": jnp.asarray(np.stack([table[p] for p in prompts]), jnp.float32)}
+
+    manip = Manipulator(Pipe(), steps=5)
+    monkeypatch.setattr(manip, "embed", lambda imgs: jnp.asarray(z_i, jnp.float32))
+    monkeypatch.setattr(manip, "invert", lambda imgs, emb=None: jnp.zeros((1, 8, 8, 3)))
+    monkeypatch.setattr(manip, "decode", lambda z, x_T, seed=0: np.asarray(z, np.float64))
+    z = manip.textdiff(np.zeros((8, 8, 3), np.uint8), "a red circle", "a blue square", steps=4,
+                       max_theta=0.5)
+
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    z_d = unit(unit(table["a blue square"]) - unit(table["a red circle"]))
+    u = unit(z_i[0])
+    omega = np.arccos(np.clip(u @ z_d, -1.0, 1.0))
+    want = np.stack([(np.sin((1 - th) * omega) * u + np.sin(th * omega) * z_d) / np.sin(omega)
+                     for th in np.linspace(0.0, 0.5, 4)]) * np.linalg.norm(z_i)
+    np.testing.assert_allclose(z, want, atol=1e-5)
+    # (the raw difference of the unnormalised embeddings is a different direction)
+    raw = unit(table["a blue square"] - table["a red circle"])
+    assert np.arccos(np.clip(raw @ z_d, -1, 1)) > 0.3
+
+
 def test_rerank_keeps_the_best_candidate(manip):
     from unclip_jax.shapes_demo.evaluate import Evaluator
     from unclip_jax.manipulate import rerank

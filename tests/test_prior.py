@@ -131,15 +131,114 @@ def test_normalisation_round_trip(mode):
     config = prior_lib.PriorConfig(embedding_dim=d, num_layers=1, num_heads=2, head_dim=8,
                                    num_text_tokens=5, embedding_norm=mode, embedding_scale=17.2)
     x = np.random.default_rng(0).standard_normal((4, d)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=-1, keepdims=True)  # CLIP embeddings are unit-norm
-    z = prior_lib.normalize_embedding(x * 1.7 if mode == "l2" else x, config)
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)  # unit vectors: the default clip_norm is 1
+    params = prior_lib.init_params(config, jax.random.key(0))
+    z = prior_lib.normalize_embedding(x * 1.7 if mode != "none" else x, config)
     if mode == "l2":
         np.testing.assert_allclose(np.linalg.norm(z, axis=-1), np.sqrt(d), rtol=1e-5)
     if mode == "scale":
-        np.testing.assert_allclose(z, x * 17.2, rtol=1e-6)
-    np.testing.assert_allclose(prior_lib.denormalize_embedding(z, config), x, atol=1e-6)
-    # no statistics are created outside 'meanstd'
-    assert "clip_mean" not in prior_lib.init_params(config)
+        np.testing.assert_allclose(z, x * 17.2, rtol=1e-5)
+    np.testing.assert_allclose(prior_lib.denormalize_embedding(z, config, params), x, atol=1e-6)
+    # only 'scale' / 'l2' hold a statistic (clip_norm, frozen); none has clip_mean/clip_std
+    assert "clip_mean" not in params and "clip_std" not in params
+    assert ("clip_norm" in params) == (mode != "none")
+
+
+def _raw_clip_like(n=6, d=24, seed=0):
+    """Embeddings at a raw CLIP-like scale: norms spread around 12, far from 1."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)
+            * rng.uniform(8.0, 16.0, (n, 1))).astype(np.float32)
+
+
+def test_scale_mode_scales_the_unit_vector_by_17_2():
+    """The paper scales the L2-normalised CLIP image embedding: |normalize(x)| = 17.2 exactly,
+    whatever |x|, in x's direction."""
+    config = prior_lib.PriorConfig(embedding_dim=24, num_layers=1, num_heads=2, head_dim=8,
+                                   num_text_tokens=5, embedding_norm="scale")
+    x = _raw_clip_like()
+    z = np.asarray(prior_lib.normalize_embedding(x, config), np.float64)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=-1), 17.2, rtol=1e-6)
+    unit = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    np.testing.assert_allclose(z / 17.2, unit, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["scale", "l2"])
+def test_denormalize_returns_the_raw_clip_scale(mode):
+    """The decoder is trained on raw CLIP image embeddings: the prior's output is handed over at
+    the recorded mean norm of the training embeddings (clip_norm), in the sample's direction."""
+    d = 24
+    config = prior_lib.PriorConfig(embedding_dim=d, num_layers=1, num_heads=2, head_dim=8,
+                                   num_text_tokens=5, embedding_norm=mode)
+    x = _raw_clip_like(d=d)
+    mean_norm = float(np.linalg.norm(x, axis=-1).mean())
+    params = prior_lib.init_params(config, jax.random.key(0))
+    np.testing.assert_array_equal(params["clip_norm"], np.ones((1, 1)))
+    params = prior_lib.set_embedding_stats(params, norm=mean_norm)
+    assert params["clip_norm"].shape == (1, 1)
+    assert prior_lib.trainable_mask(params)["clip_norm"] is False  # a statistic, not a weight
+    back = np.asarray(prior_lib.denormalize_embedding(
+        prior_lib.normalize_embedding(x, config), config, {"params": params}), np.float64)
+    np.testing.assert_allclose(np.linalg.norm(back, axis=-1), mean_norm, rtol=1e-5)
+    unit = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    np.testing.assert_allclose(back / mean_norm, unit, atol=1e-5)
+    # the model's methods read the same statistic
+    net = prior_lib.PriorTransformer(config)
+    z = np.asarray(prior_lib.normalize_embedding(x, config))
+    np.testing.assert_allclose(
+        np.asarray(net.apply({"params": params}, z, method=prior_lib.PriorTransformer.denormalize)),
+        back, atol=1e-5)
+    # it is frozen: no gradient reaches it through the normalisation
+    g = jax.grad(lambda p: prior_lib.denormalize_embedding(z, config, p).sum())(params)
+    assert float(jnp.abs(g["clip_norm"]).max()) == 0.0
+    with pytest.raises(ValueError, match="clip_norm"):
+        prior_lib.denormalize_embedding(z, config)  # without the statistic: an error, not a guess
+    with pytest.raises(ValueError, match="positive"):
+        prior_lib.set_embedding_stats(params, norm=0.0)
+
+
+class _FakePriorStage:
+    """post_init of the prior stage with CLIP replaced by a lookup of precomputed embeddings."""
+
+    @staticmethod
+    def make(mode, stats_batches):
+        import ml_collections
+
+        from unclip_jax.stages.prior import PriorStage
+
+        st = PriorStage.__new__(PriorStage)
+        st.config = ml_collections.ConfigDict({"stats_batches": stats_batches})
+        st.cfg = prior_lib.PriorConfig(embedding_dim=24, num_layers=1, num_heads=2, head_dim=8,
+                                       num_text_tokens=5, embedding_norm=mode)
+        st.frozen = lambda: (None, {})
+        st.conditioning = lambda frozen, batch: (batch["emb"], None, None)
+        return st
+
+
+@pytest.mark.parametrize("mode", ["scale", "l2", "meanstd"])
+def test_post_init_records_the_embedding_statistics(mode):
+    batches = [_raw_clip_like(n=5, seed=s) for s in range(4)]
+    st = _FakePriorStage.make(mode, stats_batches=3)
+    params = prior_lib.init_params(st.cfg, jax.random.key(0))
+    out = st.post_init(params, iter([({"emb": b}, 0) for b in batches]))
+    e = np.concatenate(batches[:3]).astype(np.float64)  # the first stats_batches batches only
+    if mode == "meanstd":  # Karlo's statistics, unchanged
+        np.testing.assert_allclose(out["clip_mean"], e.mean(0)[None], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out["clip_std"], e.std(0)[None] + 1e-6, rtol=1e-5)
+        assert "clip_norm" not in out
+    else:
+        np.testing.assert_allclose(out["clip_norm"], [[np.linalg.norm(e, axis=-1).mean()]],
+                                   rtol=1e-6)
+        assert "clip_mean" not in out
+
+
+def test_converted_prior_with_scale_norm_gets_a_clip_norm():
+    model = _random_diffusers_prior(CONFIGS["karlo_like"])
+    config = diffusers_prior.prior_config_from_diffusers(model.config, embedding_norm="scale")
+    params = diffusers_prior.convert_prior(model.state_dict(), config)
+    np.testing.assert_array_equal(params["clip_norm"], np.ones((1, 1)))
+    assert "clip_mean" not in params
 
 
 def test_wrong_size_checkpoint_raises():

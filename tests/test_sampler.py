@@ -103,6 +103,58 @@ def test_rng_is_derived_from_the_step():
     assert np.abs(np.asarray(other) - np.asarray(got)).max() > 1e-3
 
 
+def _toy_learned(params, x, t, cond):
+    """toy_model's mean channels + variance channels in [-1, 1] (learned_range)."""
+    v = jnp.tanh(x * 0.5 - (t.astype(jnp.float32) / 700.0).reshape((-1,) + (1,) * (x.ndim - 1)))
+    return jnp.concatenate([toy_model(params, x, t, cond), v], axis=-1)
+
+
+@pytest.mark.parametrize("variance,final_alpha_bar", [
+    ("fixed_large", 1.0), ("learned_range", 1.0), ("fixed_small", None)])
+@pytest.mark.parametrize("spacing,offset", [("trailing", 0), ("leading", 1)])
+def test_last_ddpm_step_adds_no_noise(variance, final_alpha_bar, spacing, offset):
+    """The last step of a DDPM run adds no noise whatever its timestep (trailing and offset
+    spacings end at t > 0): the final x is the posterior mean of the last step, closed form."""
+    diff = GaussianDiffusion(DiffusionConfig(prediction="eps", variance=variance))
+    if final_alpha_bar is None:  # diffusers' set_alpha_to_one=False: the posterior std is > 0
+        final_alpha_bar = float(diff.alphas_cumprod[0])
+    scfg = SamplingConfig(method="ddpm", steps=6, spacing=spacing, offset=offset, clip_x0=1.0,
+                          final_alpha_bar=final_alpha_bar)
+    learned = variance == "learned_range"
+    model = _toy_learned if learned else toy_model
+    sampler = Sampler(model, diff, scfg)
+    plan = sampler.plan
+    ts = np.asarray(plan.t)
+    assert ts[-1] > 0
+    assert float(plan.std[-1]) == 0.0 and float(plan.noise_mask[-1]) == 0.0
+    assert np.all(np.asarray(plan.noise_mask[:-1]) == 1.0)
+    if not learned:
+        assert np.all(np.asarray(plan.std[:-1]) > 0)
+    params = {"w": jnp.asarray(W)}
+    rng = np.random.default_rng(3)
+    x_T = rng.normal(size=(2, 3, 3, 3)).astype(np.float32)
+    noise = rng.normal(size=(6,) + x_T.shape).astype(np.float32)
+    other = noise.copy()
+    other[-1] = rng.normal(size=x_T.shape) * 10.0  # only the last step's noise differs
+    got = np.asarray(sampler(params, jnp.asarray(x_T), None, noise=jnp.asarray(noise)))
+    got_other = np.asarray(sampler(params, jnp.asarray(x_T), None, noise=jnp.asarray(other)))
+    np.testing.assert_array_equal(got, got_other)
+    # closed form: x before the last step (the same scan over the first n - 1 steps), then the
+    # posterior mean of q(x_prev | x_t, x0_hat) in float64, with zero std
+    head = jax.tree.map(lambda a: a[:-1], plan)
+    x = np.asarray(_jitted_loop(model, params, jnp.asarray(x_T), None, None, jnp.float32(1.0),
+                                jax.random.key(0), head, jnp.asarray(noise[:-1]),
+                                rule=sampler.rule), np.float64)
+    t = int(ts[-1])
+    a, a_prev = diff.alphas_cumprod[t], final_alpha_bar
+    eps = toy_model_np(x, t, None)
+    x0 = np.clip((x - math.sqrt(1 - a) * eps) / math.sqrt(a), -1.0, 1.0)
+    beta = 1 - a / a_prev
+    mean = (math.sqrt(a_prev) * beta / (1 - a)) * x0 + \
+        (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a)) * x
+    np.testing.assert_allclose(got, mean, atol=2e-5, rtol=1e-5)
+
+
 def _oracle(diff, x0_true, prediction):
     sab = jnp.asarray(diff.sqrt_alphas_cumprod, jnp.float32)
     s1m = jnp.asarray(diff.sqrt_one_minus_alphas_cumprod, jnp.float32)

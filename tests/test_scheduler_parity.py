@@ -92,6 +92,41 @@ def test_ddpm_scheduler_parity(schedule, prediction, variance, steps):
     np.testing.assert_allclose(ours, nchw_to_nhwc(x.numpy()), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("spacing,offset", [("trailing", 0), ("leading", 1)])
+@pytest.mark.parametrize("variance", ["fixed_large", "learned_range"])
+def test_ddpm_last_step_at_t_above_zero_adds_no_noise(spacing, offset, variance, monkeypatch):
+    """With trailing or offset spacing the last timestep is > 0. diffusers' DDPMScheduler still
+    adds noise there (its test is `t > 0`: std sqrt(beta_t) for fixed_large, the learned one for
+    learned_range); ours ends every run on the posterior mean. Ours equals diffusers' run with
+    the same noise at every step but the last, whose noise is zeroed."""
+    from diffusers import DDPMScheduler
+    from diffusers.schedulers import scheduling_ddpm
+
+    peer = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                         variance_type=variance, prediction_type="epsilon", clip_sample=True,
+                         clip_sample_range=1.0, timestep_spacing=spacing, steps_offset=offset)
+    peer.set_timesteps(7)
+    ts = peer.timesteps
+    assert int(ts[-1]) > 0
+    learned = variance == "learned_range"
+    x = x_T_of(7)
+    x_T = x.clone()
+    g = torch.Generator().manual_seed(8)
+    for t in ts[:-1]:
+        x = peer.step(torch_model(x, t, learned), t, x, generator=g).prev_sample
+    t = ts[-1]
+    noisy = peer.step(torch_model(x, t, learned), t, x, generator=g).prev_sample  # diffusers
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor",
+                        lambda shape, **kw: torch.zeros(shape, dtype=kw.get("dtype")))
+    mean = peer.step(torch_model(x, t, learned), t, x, generator=g).prev_sample
+    noise = peer_noise(ts, 8)
+    ours = run_ours(peer, DiffusionConfig(schedule="cosine", prediction="eps", variance=variance),
+                    SamplingConfig(method="ddpm", steps=7, spacing=spacing, offset=offset,
+                                   clip_x0=1.0), x_T, noise, learned)
+    np.testing.assert_allclose(ours, nchw_to_nhwc(mean.numpy()), atol=1e-5, rtol=0)
+    assert np.abs(nchw_to_nhwc(noisy.numpy()) - ours).max() > 1e-3  # diffusers' last-step noise
+
+
 @pytest.mark.parametrize("prediction,eta,steps,clip", [
     ("epsilon", 0.0, 25, True), ("epsilon", 0.5, 15, True), ("sample", 1.0, 10, False),
     ("v_prediction", 0.3, 20, True)])

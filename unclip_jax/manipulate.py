@@ -102,6 +102,7 @@ class Manipulator:
         emb = self.embed(image_u8[None])
         x_T = self.invert(image_u8[None], emb)
         t = self.pipe.encode_text([text_to, text_from])["text_embed"]
+        t = t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)  # the paper's z_t
         d = t[0] - t[1]
         z_d = d / jnp.maximum(jnp.linalg.norm(d), 1e-12)
         thetas = jnp.linspace(0.0, max_theta, steps)[:, None]

@@ -82,7 +82,8 @@ def _with_compute(config, params, dtype: str | None, attention_impl: str | None)
         dt = jnp.dtype(dtype)
 
         def cast(path, p):  # the prior's embedding statistics stay float32 (not weights)
-            stat = any(getattr(k, "key", None) in ("clip_mean", "clip_std") for k in path)
+            stat = any(getattr(k, "key", None) in ("clip_mean", "clip_std", "clip_norm")
+                       for k in path)
             floating = jnp.issubdtype(jnp.asarray(p).dtype, jnp.floating)
             return jnp.asarray(p, dt) if floating and not stat else p
         params = jax.tree_util.tree_map_with_path(cast, params)

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unclip_jax.convert import torch_io
 from unclip_jax.convert.torch_io import CheckpointMismatchError, ParamWriter, identity, linear
@@ -68,7 +69,8 @@ def convert_prior(state_dict: Mapping[str, Any], config: PriorConfig) -> dict:
 
     Raises CheckpointMismatchError naming the parameter and both shapes on any mismatch, a
     missing tensor, or an unused one. With embedding_norm != 'meanstd' the checkpoint's
-    clip_mean/clip_std are not imported.
+    clip_mean/clip_std are not imported ('scale' / 'l2': clip_norm is set to 1; set it from data
+    with prior.set_embedding_stats).
     """
     sd = torch_io.to_numpy(state_dict)
     template = init_params(config)  # abstract: shapes only
@@ -113,6 +115,8 @@ def convert_prior(state_dict: Mapping[str, Any], config: PriorConfig) -> dict:
     if c.embedding_norm == "meanstd":
         w.set(("clip_mean",), "clip_mean", identity)
         w.set(("clip_std",), "clip_std", identity)
+    elif c.embedding_norm in ("scale", "l2"):  # no such statistic in diffusers: the identity
+        w.set(("clip_norm",), None, value=np.ones((1, 1), np.float32))
 
     ignore = lambda k: k in ("clip_mean", "clip_std", "causal_attention_mask")  # noqa: E731
     params = w.finish(strict_unused=True, ignore_unused=ignore)

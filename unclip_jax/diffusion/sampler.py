@@ -168,8 +168,10 @@ def build_plan(diffusion: GaussianDiffusion, sampling: SamplingConfig,
                         c_x0=np.sqrt(a_prev), c_x=zeros,
                         c_eps=np.sqrt(np.maximum(1.0 - a_prev - sigma ** 2, 0.0)), std=sigma,
                         min_log=zeros, max_log=zeros, noise_mask=zeros)
-    # DDPM ancestral: x_{t-1} = posterior mean(x0_hat, x_t) + std * noise, noise only where t > 0.
-    mask = (ts > 0).astype(np.float64)
+    # DDPM ancestral: x_{t-1} = posterior mean(x0_hat, x_t) + std * noise, noise at every step
+    # but the last: the run ends on the posterior mean whatever its last timestep (trailing or
+    # offset spacings end above t = 0, where a t > 0 test would still add noise).
+    mask = (np.arange(n) < n - 1).astype(np.float64)
     kind = diffusion.config.variance
     if kind == "fixed_large":
         std = np.sqrt(beta)

@@ -20,10 +20,16 @@ space the diffusion runs in and back:
   them (weight decay would otherwise shrink them) -- use :func:`trainable_mask`. When training
   from scratch, set them from data with :func:`set_embedding_stats`. They are initialised to
   mean 0 / std 1 (identity).
-* ``"scale"`` (the paper): ``x * embedding_scale`` (17.2 in the paper).
-* ``"l2"``: ``x / |x| * sqrt(D)``; the inverse maps back onto the unit sphere (``x / |x|``), so
-  ``denormalize(normalize(x)) == x`` for unit-norm x (CLIP embeddings as usually normalised).
+* ``"scale"`` (the paper): the L2-normalised embedding times ``embedding_scale``,
+  ``x / |x| * 17.2``.
+* ``"l2"``: ``x / |x| * sqrt(D)``.
 * ``"none"``: identity.
+
+For ``"scale"`` and ``"l2"`` the inverse keeps the direction and restores the *raw* CLIP scale
+(the decoder is trained on raw CLIP image embeddings, whose norm is far from 1): ``x / |x| *
+clip_norm``, where ``clip_norm`` ([1, 1], a frozen statistic like clip_mean / clip_std, initialised
+to 1) is the mean L2 norm of the training image embeddings, set from data with
+:func:`set_embedding_stats` (``norm=``; the prior stage does it in ``post_init``).
 """
 from __future__ import annotations
 
@@ -38,7 +44,8 @@ import numpy as np
 from unclip_jax.models import layers
 
 EMBEDDING_NORMS = ("meanstd", "scale", "l2", "none")
-_STATS = ("clip_mean", "clip_std")
+_STATS = ("clip_mean", "clip_std", "clip_norm")
+_NORM_MODES = ("scale", "l2")  # modes whose inverse needs clip_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +280,7 @@ class PriorTransformer(nn.Module):
         norm_out/{scale,bias}
         proj_to_clip_embeddings/dense/...
         clip_mean, clip_std                  [1, out_dim] (embedding_norm="meanstd" only; frozen)
+        clip_norm                            [1, 1] (embedding_norm="scale" / "l2" only; frozen)
     """
 
     config: PriorConfig
@@ -308,6 +316,10 @@ class PriorTransformer(nn.Module):
             self.clip_std = self.param(
                 "clip_std", nn.with_logical_partitioning(nn.initializers.ones, (None, None)),
                 (1, c.out_dim), pdt)
+        elif c.embedding_norm in _NORM_MODES:
+            self.clip_norm = self.param(
+                "clip_norm", nn.with_logical_partitioning(nn.initializers.ones, (None, None)),
+                (1, 1), pdt)
 
     def __call__(self, x_t, t, text_embed, text_hidden, text_mask=None, *, train: bool = False):
         """x_t [B, D] noised normalised image embedding, t [B] (or scalar) timesteps,
@@ -371,6 +383,8 @@ class PriorTransformer(nn.Module):
         return denormalize_embedding(x, self.config, self._stats())
 
     def _stats(self):
+        if self.config.embedding_norm in _NORM_MODES:
+            return {"clip_norm": self.clip_norm}
         if self.config.embedding_norm != "meanstd":
             return None
         return {"clip_mean": self.clip_mean, "clip_std": self.clip_std}
@@ -386,57 +400,78 @@ def _get_stats(config: PriorConfig, params):
     return mean, std
 
 
+def _get_norm(config: PriorConfig, params):
+    if params is None:
+        raise ValueError(f"embedding_norm={config.embedding_norm!r} needs the params holding "
+                         "clip_norm (the mean norm of the training image embeddings)")
+    if "params" in params and "clip_norm" not in params:
+        params = params["params"]
+    return jax.lax.stop_gradient(jnp.asarray(params["clip_norm"], jnp.float32))
+
+
 def normalize_embedding(x, config: PriorConfig, params=None):
     """CLIP image embedding [..., D] -> normalised embedding (float32). ``params`` (the prior's
-    params, or {'params': ...}) is needed for 'meanstd' only."""
+    params, or {'params': ...}) is needed for 'meanstd' only. 'scale' and 'l2' scale the unit
+    vector x / |x| (by embedding_scale, resp. sqrt(D))."""
     x = jnp.asarray(x, jnp.float32)
     mode = config.embedding_norm
     if mode == "meanstd":
         mean, std = _get_stats(config, params)
         return (x - mean) / std
-    if mode == "scale":
-        return x * config.embedding_scale
-    if mode == "l2":
+    if mode in _NORM_MODES:
         n = jnp.linalg.norm(x, axis=-1, keepdims=True)
-        return x / jnp.maximum(n, 1e-12) * np.sqrt(x.shape[-1])
+        scale = config.embedding_scale if mode == "scale" else np.sqrt(x.shape[-1])
+        return x / jnp.maximum(n, 1e-12) * scale
     return x
 
 
 def denormalize_embedding(x, config: PriorConfig, params=None):
     """Inverse of :func:`normalize_embedding` ('meanstd': x * clip_std + clip_mean, as diffusers'
-    ``post_process_latents``; 'l2': projection onto the unit sphere)."""
+    ``post_process_latents``; 'scale' / 'l2': the direction x / |x| at the raw CLIP scale, times
+    the recorded mean norm clip_norm -- ``params`` needed)."""
     x = jnp.asarray(x, jnp.float32)
     mode = config.embedding_norm
     if mode == "meanstd":
         mean, std = _get_stats(config, params)
         return x * std + mean
-    if mode == "scale":
-        return x / config.embedding_scale
-    if mode == "l2":
+    if mode in _NORM_MODES:
+        norm = _get_norm(config, params)
         n = jnp.linalg.norm(x, axis=-1, keepdims=True)
-        return x / jnp.maximum(n, 1e-12)
+        return x / jnp.maximum(n, 1e-12) * norm
     return x
 
 
 def trainable_mask(params):
-    """Pytree of bools, False for the frozen statistics (clip_mean, clip_std): pass it to
+    """Pytree of bools, False for the frozen statistics (clip_mean, clip_std, clip_norm): pass it to
     ``optax.masked`` / ``optax.multi_transform`` so the optimizer (and weight decay) skips them."""
     def walk(tree):
         return {k: (walk(v) if isinstance(v, Mapping) else k not in _STATS) for k, v in tree.items()}
     return walk(params)
 
 
-def set_embedding_stats(params, mean, std):
-    """Return params with clip_mean/clip_std set from data statistics (arrays of shape [D])."""
-    if "clip_mean" not in params:
-        raise ValueError("these params have no clip_mean/clip_std (embedding_norm != 'meanstd')")
+def set_embedding_stats(params, mean=None, std=None, *, norm=None):
+    """Return params with the embedding statistics set from data: clip_mean/clip_std (arrays of
+    shape [D]; embedding_norm='meanstd') or clip_norm (``norm``: the mean L2 norm of the image
+    embeddings, a positive scalar; 'scale' / 'l2')."""
     out = dict(params)
-    dtype = jnp.asarray(_unbox(params["clip_mean"])).dtype
-    out["clip_mean"] = jnp.asarray(mean, dtype).reshape(1, -1)
-    out["clip_std"] = jnp.asarray(std, dtype).reshape(1, -1)
+    if mean is not None or std is not None:
+        if "clip_mean" not in params:
+            raise ValueError("these params have no clip_mean/clip_std "
+                             "(embedding_norm != 'meanstd')")
+        dtype = jnp.asarray(_unbox(params["clip_mean"])).dtype
+        out["clip_mean"] = jnp.asarray(mean, dtype).reshape(1, -1)
+        out["clip_std"] = jnp.asarray(std, dtype).reshape(1, -1)
+    if norm is not None:
+        if "clip_norm" not in params:
+            raise ValueError("these params have no clip_norm (embedding_norm not 'scale' / 'l2')")
+        if not (np.ndim(norm) == 0 and np.isfinite(norm) and norm > 0):
+            raise ValueError(f"norm must be a positive finite scalar, got {norm!r}")
+        dtype = jnp.asarray(_unbox(params["clip_norm"])).dtype
+        out["clip_norm"] = jnp.asarray(norm, dtype).reshape(1, 1)
     for k in _STATS:
-        if out[k].shape != np.shape(_unbox(params[k])):
-            raise ValueError(f"{k}: shape {out[k].shape} != {np.shape(_unbox(params[k]))}")
+        if k in params and np.shape(_unbox(out[k])) != np.shape(_unbox(params[k])):
+            raise ValueError(f"{k}: shape {np.shape(_unbox(out[k]))} != "
+                             f"{np.shape(_unbox(params[k]))}")
     return out
 
 

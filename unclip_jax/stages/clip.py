@@ -2,6 +2,9 @@
 global batch (the jitted step sees the whole sharded batch)."""
 from __future__ import annotations
 
+import os
+import shutil
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -20,6 +23,44 @@ class CLIPStage(Stage):
         super().__init__(config)
         self.cfg = CLIPConfig.from_dict(config.model.to_dict())
         self._tokenizer = None
+        if not config.get("tokenizer"):
+            # No tokenizer given: on the shapes source, train a byte-level BPE on the shapes
+            # captions into WORKDIR/tokenizer (reused when there), and record its absolute path
+            # in config.tokenizer, so the stage record (config.json 'train.tokenizer') names it.
+            source = config.data.source
+            how = ("train one on your captions with unclip_jax.data.tokenizer.train_tokenizer("
+                   "captions, DIR) (or use a transformers CLIP tokenizer directory) and pass "
+                   "--config.tokenizer=DIR")
+            if source != "shapes":
+                raise ValueError(f"the CLIP stage needs config.tokenizer (a tokenizer directory) "
+                                 f"for data.source={source!r}: {how}")
+            if not workdir:
+                raise ValueError("the CLIP stage trains its shapes tokenizer into "
+                                 "WORKDIR/tokenizer: give it a workdir, or set config.tokenizer "
+                                 f"({how})")
+            import tempfile
+
+            from unclip_jax.data import shapes
+            from unclip_jax.data.tokenizer import train_tokenizer
+
+            path = os.path.abspath(os.path.join(workdir, "tokenizer"))
+            if not os.path.exists(os.path.join(path, "tokenizer.json")):
+                scenes = shapes.sample_scenes("train", int(config.data.num_examples),
+                                              seed=int(config.data.get("seed", 0)))
+                caps = [c for sc in scenes for c in shapes.captions(sc)]
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = tempfile.mkdtemp(prefix=".tokenizer.", dir=os.path.dirname(path))
+                train_tokenizer(caps, tmp, vocab_size=int(self.cfg.text.vocab_size),
+                                context_length=int(self.cfg.text.max_position_embeddings))
+                try:  # atomic: processes sharing the workdir each train the same tokenizer
+                    os.rename(tmp, path)
+                except OSError:
+                    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+                        raise
+                    shutil.rmtree(tmp, ignore_errors=True)
+                print(f"[clip] trained a BPE tokenizer on {len(caps)} shapes captions into "
+                      f"{path}", flush=True)
+            config.tokenizer = path
 
     @property
     def tokenizer(self):

@@ -131,8 +131,11 @@ class PriorStage(CLIPConditionedStage, Stage):
                                      process_count=process_count)
 
     def post_init(self, params, batches):
-        """clip_mean / clip_std from the image embeddings of a few batches (Karlo's statistics)."""
-        if self.cfg.embedding_norm != "meanstd":
+        """The embedding statistics from the image embeddings of a few batches: clip_mean /
+        clip_std ('meanstd', Karlo's), or clip_norm, their mean L2 norm ('scale' / 'l2': the
+        scale the prior's samples are handed to the decoder at)."""
+        mode = self.cfg.embedding_norm
+        if mode not in ("meanstd", "scale", "l2"):
             return params
         embs = []
         for _ in range(int(self.config.get("stats_batches", 8))):
@@ -140,6 +143,9 @@ class PriorStage(CLIPConditionedStage, Stage):
             embs.append(np.asarray(batch["image_embed"]) if self.from_embeddings
                         else self.clip.embed_images(batch["image"]))
         e = np.concatenate(embs)
+        if mode != "meanstd":
+            norm = float(np.mean(np.linalg.norm(e.astype(np.float64), axis=-1)))
+            return prior_lib.set_embedding_stats(jax.device_get(params), norm=norm)
         return prior_lib.set_embedding_stats(jax.device_get(params), e.mean(0),
                                              e.std(0) + 1e-6)
 
