@@ -310,7 +310,6 @@ def test_clip_stage_on_shapes_trains_its_tokenizer(tmp_path, monkeypatch):
     from unclip_jax.data import shapes
     from unclip_jax.data.tokenizer import tokenize
     from unclip_jax.stages.clip import make_stage
-    from unclip_jax.train.trainer import _stage_record
 
     monkeypatch.chdir(tmp_path)
     cfg = _tiny_clip_config()
@@ -318,7 +317,7 @@ def test_clip_stage_on_shapes_trains_its_tokenizer(tmp_path, monkeypatch):
     stage = make_stage(cfg, "w")  # a relative workdir: the recorded path is absolute
     path = os.path.join(str(tmp_path), "w", "tokenizer")
     assert cfg.tokenizer == path and os.path.exists(os.path.join(path, "tokenizer.json"))
-    assert _stage_record(stage, cfg)["train"]["tokenizer"] == path
+    assert stage.record().paths["tokenizer"] == path
     vocab, L = stage.cfg.text.vocab_size, stage.cfg.text.max_position_embeddings
     tok = stage.tokenizer
     cap = shapes.captions(shapes.sample_scenes("train", 1, seed=0)[0])[0]

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from unclip_jax.data import clip_embeddings as E
+from unclip_jax.data import embedding_sets as ES
 from unclip_jax.data import fs
 from unclip_jax.data import pipelines as P
 
@@ -254,7 +255,7 @@ def test_written_embeddings_read_by_clip_embedding_pairs(tmp_path, pyarrow, monk
     written = {}
     for i, n in enumerate((3, 2)):
         img, txt = rng.normal(size=(n, 5)).astype(np.float16), rng.normal(size=(n, 5))
-        paths = E.write_embeddings(tmp_path, i, image_embed=img, text_embed=txt,
+        paths = ES.write_embeddings(tmp_path, i, image_embed=img, text_embed=txt,
                                    text_hidden=rng.normal(size=(n, 4, 2)),
                                    text_mask=np.ones((n, 4), bool),
                                    captions=[f" cap {i}/{r}" for r in range(n)])

@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from unclip_jax.data import clip_embeddings as E
+from unclip_jax.data import clip_embeddings as C
+from unclip_jax.data import embedding_sets as E
 
 EMB, L, D = 6, 4, 3
 SIZES = (7, 5)
@@ -74,7 +75,7 @@ def test_write_embeddings_files_and_info(tmp_path):
             a = np.load(tmp_path / kind / f"{kind}_{i}.npy")
             assert a.dtype == s[key].dtype  # float16 stays float16, masks are bool
             np.testing.assert_array_equal(a, s[key])
-    assert [p[0] for p in E.list_embedding_shards(tmp_path)] == [0, 1]
+    assert [p[0] for p in C.list_embedding_shards(tmp_path)] == [0, 1]
     assert not list(tmp_path.rglob("*.tmp"))
     info = E.read_embeddings_info(tmp_path)
     assert info["model"] == MODEL and info["count"] == sum(SIZES)

@@ -199,7 +199,7 @@ def test_denormalize_returns_the_raw_clip_scale(mode):
 
 
 class _FakePriorStage:
-    """post_init of the prior stage with CLIP replaced by a lookup of precomputed embeddings."""
+    """post_init of the prior stage reading precomputed embeddings (no CLIP)."""
 
     @staticmethod
     def make(mode, stats_batches):
@@ -211,8 +211,7 @@ class _FakePriorStage:
         st.config = ml_collections.ConfigDict({"stats_batches": stats_batches})
         st.cfg = prior_lib.PriorConfig(embedding_dim=24, num_layers=1, num_heads=2, head_dim=8,
                                        num_text_tokens=5, embedding_norm=mode)
-        st.frozen = lambda: (None, {})
-        st.conditioning = lambda frozen, batch: (batch["emb"], None, None)
+        st.from_embeddings = True
         return st
 
 
@@ -221,7 +220,7 @@ def test_post_init_records_the_embedding_statistics(mode):
     batches = [_raw_clip_like(n=5, seed=s) for s in range(4)]
     st = _FakePriorStage.make(mode, stats_batches=3)
     params = prior_lib.init_params(st.cfg, jax.random.key(0))
-    out = st.post_init(params, iter([({"emb": b}, 0) for b in batches]))
+    out = st.post_init(params, iter([({"image_embed": b}, 0) for b in batches]))
     e = np.concatenate(batches[:3]).astype(np.float64)  # the first stats_batches batches only
     if mode == "meanstd":  # Karlo's statistics, unchanged
         np.testing.assert_allclose(out["clip_mean"], e.mean(0)[None], rtol=1e-5, atol=1e-6)

@@ -5,8 +5,6 @@ import os
 import textwrap
 from typing import Sequence
 
-import numpy as np
-
 from unclip_jax.images import to_uint8
 
 

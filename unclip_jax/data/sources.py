@@ -19,7 +19,7 @@ Sources (config `data.source`):
                    while preparing are counted once, in the builder's metadata (logged), so the
                    batches carry 0. A changed source is not noticed: use a new tfds_name.
   clip_embeddings  precomputed CLIP embeddings (data.path; unclip_jax.data.clip_embeddings): no
-                   images -- the prior's source, read by clip_embeddings.embedding_batches
+                   images -- the prior's source, read by embedding_sets.embedding_batches
 """
 from __future__ import annotations
 

@@ -120,7 +120,7 @@ def precompute_embeddings(clip, tokenizer, batches, root: str, *, shard: int = 0
     pairs, e.g. `data.sources.image_text_batches`) as one shard of an embeddings set at `root`
     (`data.clip_embeddings` layout, with text hidden states and the empty prompt's encoding),
     for a prior that trains with `data.source=clip_embeddings`. Returns the set's info."""
-    from unclip_jax.data import clip_embeddings as E
+    from unclip_jax.data import embedding_sets as E
 
     tp = clip.text_params
     enc_text = jax.jit(clip.encode_text)

@@ -48,7 +48,7 @@ class PriorStage(CLIPConditionedStage, Stage):
     def _setup_embeddings(self, config, workdir):
         """Read the embeddings set's record; check it against the run's CLIP where one is known
         (config.clip_dir, or a trained WORKDIR/clip)."""
-        from unclip_jax.data import clip_embeddings as E
+        from unclip_jax.data import embedding_sets as E
 
         root = config.data.path
         if not root:
@@ -64,7 +64,7 @@ class PriorStage(CLIPConditionedStage, Stage):
         if not info:
             raise ValueError(f"the embeddings set at {root} records no embeddings.json (how it "
                              "was made, the empty prompt's encoding): write it with "
-                             "data.clip_embeddings.write_embeddings_info, or re-embed")
+                             "data.embedding_sets.write_embeddings_info, or re-embed")
         info = E.read_embeddings_info(root)
         self.L, self.text_width = int(info["text_len"]), int(info["text_width"])
         self.null = {k: np.asarray(v) for k, v in info["null"].items()}
@@ -124,7 +124,7 @@ class PriorStage(CLIPConditionedStage, Stage):
             yield from super().batches(batch_size=batch_size, seed=seed, start_step=start_step,
                                        process_index=process_index, process_count=process_count)
             return
-        from unclip_jax.data.clip_embeddings import embedding_batches
+        from unclip_jax.data.embedding_sets import embedding_batches
 
         yield from embedding_batches(self.config.data, batch_size=batch_size, seed=seed,
                                      start_step=start_step, process_index=process_index,
