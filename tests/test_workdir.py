@@ -190,3 +190,18 @@ def test_the_decoder_preview_samples_as_the_pipeline_does(stack, tmp_path, sampl
     guided = pipe.decoder_guidance_default > 1.0
     want = pipe.sample_decoder(z, cond, uncond if guided else None, steps=5, rng=key)
     np.testing.assert_allclose(preview, np.asarray(want) * 0.5 + 0.5, atol=1e-4)
+
+
+def test_inference_imports_no_training_room():
+    """Loading and sampling trained stages (pipeline, workdir, manipulations) import neither the
+    stages nor the trainer; the trainer imports no stage (it is handed one)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, unclip_jax.pipeline, unclip_jax.workdir, unclip_jax.manipulate; "
+            "bad = [m for m in sys.modules if m.startswith(('unclip_jax.stages', "
+            "'unclip_jax.train.trainer', 'unclip_jax.shapes_demo'))]; assert not bad, bad; "
+            "import unclip_jax.train.trainer; "
+            "bad = [m for m in sys.modules if m.startswith('unclip_jax.stages')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
