@@ -181,7 +181,7 @@ def test_bfloat16_pipeline_tracks_float32(peer_dir, ours):
     cond, uncond = ours.text_conditioning(["red circle", "a blue square"])
     cond_bf, _ = bf.text_conditioning(["red circle", "a blue square"])
     assert 1e-4 < _rel(cond_bf["text_hidden"], cond["text_hidden"]) < 5e-2
-    ks = jax.random.split(jax.random.key(0), 4)
+    ks = jax.random.split(jax.random.key(0), 5)
     t = jnp.array([999, 400])
     emb = jax.random.normal(ks[0], (2, cond["text_embed"].shape[1]))
     z = jax.random.normal(ks[1], (2, emb.shape[1]))
@@ -191,8 +191,9 @@ def test_bfloat16_pipeline_tracks_float32(peer_dir, ours):
     x = jax.random.normal(ks[2], (2, 8, 8, 3))
     assert 1e-4 < _rel(bf._decoder_fn(bf.decoder.params, x, t, dc),
                        ours._decoder_fn(ours.decoder.params, x, t, dc)) < 5e-2
-    xs = jax.random.normal(ks[3], (2, 16, 16, 6))
-    sr = lambda p: p._sr_first_model.apply({"params": p.super_res_first.params}, xs, t)  # noqa
+    xs = jax.random.normal(ks[3], (2, 16, 16, 3))
+    low = {"low_res": jax.random.normal(ks[4], (2, 16, 16, 3))}
+    sr = lambda p: p._sr_first_fn(p.super_res_first.params, xs, t, low)  # noqa: E731
     assert 1e-4 < _rel(sr(bf), sr(ours)) < 5e-2
     # the whole pipeline: finite, and the prior's output close. (Guided sampling compounds the
     # rounding through these random, far-from-smooth networks: the decoder's images drift 15-70%
