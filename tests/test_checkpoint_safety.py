@@ -1,0 +1,68 @@
+"""What the trainer writes is readable and finite: a broken final checkpoint is retrained, bad
+checkpoint settings and a batch that cannot fit are refused before any work, a diverging run
+saves nothing non-finite, half-written Orbax directories are cleaned up."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from unclip_jax.stages import train_stage as train
+from unclip_jax.train.config import load_config
+from unclip_jax.workdir import load_stage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(stage, *overrides):
+    return load_config(os.path.join(ROOT, "configs", f"{stage}.py") + ":size=tiny",
+                       ["checkpoint.async_save=False", "log_every=1", "data.num_examples=32",
+                        *overrides])
+
+
+def assert_trees_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb) > 0
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def break_step(ck, step):
+    """A partial write of `step`: its array data is gone, its metadata left."""
+    for root, _, files in os.walk(ck / str(step) / "state"):
+        for f in files:
+            if f != "_METADATA":
+                os.remove(os.path.join(root, f))
+
+
+def test_unreadable_final_checkpoint_is_retrained(tmp_path, capsys):
+    over = ["total_steps=4", "checkpoint.every=2"]
+    full = train(tiny("upsampler", *over), str(tmp_path), progress=False)
+    stage_dir = tmp_path / "upsampler"
+    ck = stage_dir / "checkpoints"
+    assert sorted(os.listdir(ck)) == ["2", "4"]
+    break_step(ck, 4)
+    capsys.readouterr()
+
+    # a loader falls back, and says which step it loaded
+    fallback = load_stage(str(stage_dir), which="params")
+    out = capsys.readouterr().out
+    assert fallback.step == 2
+    assert "checkpoint at step 4" in out and "unreadable" in out
+    assert "loaded step 2" in out and "not its newest (4)" in out
+
+    # the same command again: it retrains steps 3 and 4 and writes a readable step 4
+    res = train(tiny("upsampler", *over), str(tmp_path), progress=False)
+    out = capsys.readouterr().out
+    assert res.history[0]["step"] == 3 and res.step == 4 and not res.preempted
+    aside = stage_dir / "checkpoints_unreadable" / "4"
+    assert f"moved the unreadable checkpoint at step 4 to {aside}" in out
+    assert aside.is_dir() and sorted(os.listdir(ck)) == ["2", "4"]
+
+    loaded = load_stage(str(stage_dir), which="params")
+    out = capsys.readouterr().out
+    assert loaded.step == 4 and "warning" not in out
+    # bitwise the uninterrupted run's state
+    assert_trees_equal(loaded.params, full.state.params)
+    assert_trees_equal(load_stage(str(stage_dir)).params, full.state.ema_params)
+    assert_trees_equal(res.state.opt_state, full.state.opt_state)
