@@ -66,3 +66,14 @@ def test_unreadable_final_checkpoint_is_retrained(tmp_path, capsys):
     assert_trees_equal(loaded.params, full.state.params)
     assert_trees_equal(load_stage(str(stage_dir)).params, full.state.ema_params)
     assert_trees_equal(res.state.opt_state, full.state.opt_state)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("checkpoint.keep=0", "checkpoint.keep must be at least 1, got 0"),
+    ("checkpoint.keep=-2", "checkpoint.keep must be at least 1, got -2"),
+    ("checkpoint.every=0", "checkpoint.every must be at least 1, got 0"),
+])
+def test_bad_checkpoint_settings_are_refused(tmp_path, override, match):
+    with pytest.raises(ValueError, match=match):
+        train(tiny("upsampler", "total_steps=2", override), str(tmp_path), progress=False)
+    assert not os.path.exists(tmp_path / "upsampler")

@@ -75,6 +75,9 @@ def _validate(config, mesh):
                          f"over the mesh's {dp} data-parallel devices (data x fsdp)")
     if int(config.total_steps) <= 0:
         raise ValueError(f"total_steps must be positive, got {config.total_steps}")
+    for key in ("keep", "every"):  # keep=0 would save nothing; every=0 divides by zero
+        if int(config.checkpoint[key]) < 1:
+            raise ValueError(f"checkpoint.{key} must be at least 1, got {config.checkpoint[key]}")
 
 
 def make_train_step(stage, tx, schedule, config, mesh, rules):
