@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from unclip_jax.stages import train_stage as train
@@ -77,3 +78,52 @@ def test_bad_checkpoint_settings_are_refused(tmp_path, override, match):
     with pytest.raises(ValueError, match=match):
         train(tiny("upsampler", "total_steps=2", override), str(tmp_path), progress=False)
     assert not os.path.exists(tmp_path / "upsampler")
+
+
+def _saved_states(ck):
+    """{step: restored state tree} of every checkpoint in `ck`."""
+    mgr = ocp.CheckpointManager(str(ck), item_names=("state", "meta"),
+                                options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        return {s: mgr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+                ["state"] for s in mgr.all_steps()}
+    finally:
+        mgr.close()
+
+
+def test_diverging_run_saves_no_non_finite_state(tmp_path):
+    over = ["total_steps=4", "checkpoint.every=1", "checkpoint.keep=2"]
+    first = train(tiny("upsampler", *over), str(tmp_path), progress=False, stop_at_step=2)
+    assert first.step == 2
+    ck = tmp_path / "upsampler" / "checkpoints"
+    assert sorted(os.listdir(ck)) == ["1", "2"]
+    # the learning rate overflows to inf: step 3's update makes the parameters non-finite; the
+    # loss is logged only at the end (step 4), so the loss check would come too late
+    bad = tiny("upsampler", *over, "optimizer.lr=1e999", "log_every=100")
+    assert bad.optimizer.lr == float("inf")
+    with pytest.raises(FloatingPointError) as e:
+        train(bad, str(tmp_path), progress=False)
+    msg = str(e.value)
+    assert "not finite at step 3" in msg and "params" in msg
+    assert "the last good checkpoint is step 2" in msg
+    states = _saved_states(ck)
+    assert sorted(states) == [1, 2]  # the good ones were not pushed out
+    for state in states.values():
+        assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
+
+
+def test_diverging_run_with_no_checkpoint_yet_through_the_cli(tmp_path, capsys):
+    from unclip_jax.cli import main
+
+    rc = main(["train", "--config", os.path.join(ROOT, "configs", "upsampler.py") + ":size=tiny",
+               "--workdir", str(tmp_path), "--quiet", "--config.checkpoint.async_save=False",
+               "--config.data.num_examples=32", "--config.total_steps=2",
+               "--config.checkpoint.every=1", "--config.log_every=100",
+               "--config.optimizer.lr=1e999"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith("unclip-jax train: error: [upsampler] the training state is not "
+                             "finite at step 1 (non-finite params")
+    assert "no checkpoint has been saved" in err[0]
+    ck = tmp_path / "upsampler" / "checkpoints"
+    assert not os.path.exists(ck) or os.listdir(ck) == []
