@@ -127,3 +127,26 @@ def test_diverging_run_with_no_checkpoint_yet_through_the_cli(tmp_path, capsys):
     assert "no checkpoint has been saved" in err[0]
     ck = tmp_path / "upsampler" / "checkpoints"
     assert not os.path.exists(ck) or os.listdir(ck) == []
+
+
+def test_half_written_orbax_directories_are_removed(tmp_path, capsys):
+    over = ["total_steps=4", "checkpoint.every=2"]
+    train(tiny("upsampler", *over), str(tmp_path), progress=False, stop_at_step=2)
+    stage_dir = tmp_path / "upsampler"
+    ck = stage_dir / "checkpoints"
+    # what a kill during the save of step 4 leaves
+    tmp = ck / "4.orbax-checkpoint-tmp-1712345678901234"
+    (tmp / "state").mkdir(parents=True)
+    (tmp / "state" / "_METADATA").write_text("{")
+    capsys.readouterr()
+
+    loaded = load_stage(str(stage_dir))
+    assert loaded.step == 2 and "warning" not in capsys.readouterr().out
+
+    res = train(tiny("upsampler", *over), str(tmp_path), progress=False)
+    out = capsys.readouterr().out
+    assert "removed 1 half-written checkpoint directory left by an interrupted save: " \
+           f"{tmp.name}" in out
+    assert res.history[0]["step"] == 3 and res.step == 4
+    assert sorted(os.listdir(ck)) == ["2", "4"]
+    assert load_stage(str(stage_dir)).step == 4

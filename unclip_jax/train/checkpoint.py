@@ -6,7 +6,8 @@ in `unclip_jax.workdir`. A workdir whose record describes a different model is r
 anything is written. If the newest checkpoint cannot be read (a partial write), the one before it
 is used, with a warning, and the unreadable one is moved aside to
 WORKDIR/<stage>/checkpoints_unreadable/<step>/ (kept for inspection, never deleted), so that the
-run writes that step again and later loads find it.
+run writes that step again and later loads find it. Half-written Orbax directories
+(`<step>.orbax-checkpoint-tmp-*`, left by a kill during a save) are removed when a run starts.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from unclip_jax.workdir import RECORD_FILE, StageRecord, has_checkpoints, read_r
 
 log = logging.getLogger(__name__)
 
+TMP_MARK = ".orbax-checkpoint-tmp"  # a save in progress: <step>.orbax-checkpoint-tmp-<time>
 UNREADABLE_DIR = "checkpoints_unreadable"  # beside checkpoints/: what a fallback moved aside
 
 
@@ -48,6 +50,7 @@ class StageCheckpointer:
         self.dir = os.path.abspath(stage_dir) if "://" not in stage_dir else stage_dir
         self.every = max(1, int(every))  # the trainer saves at multiples of it, and at the end
         self._check_and_write_record(record)
+        self._remove_half_written()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=1, create=True,
             enable_async_checkpointing=async_save)
@@ -64,6 +67,21 @@ class StageCheckpointer:
                     + "); use another --workdir or remove it")
         if jax.process_index() == 0:
             record.write(self.dir)
+
+    def _remove_half_written(self):
+        """Remove the `<step>.orbax-checkpoint-tmp-*` directories a killed save left behind
+        (Orbax never reads them; they only take space and confuse people), saying so."""
+        root = epath.Path(self.dir) / "checkpoints"
+        if jax.process_index() != 0 or not root.exists():
+            return
+        tmps = sorted((p for p in root.iterdir() if TMP_MARK in p.name), key=lambda p: p.name)
+        for p in tmps:
+            p.rmtree() if p.is_dir() else p.unlink()
+        if tmps:
+            n = len(tmps)
+            print(f"removed {n} half-written checkpoint director{'y' if n == 1 else 'ies'} left "
+                  f"by an interrupted save: {', '.join(p.name for p in tmps)} (in {root})",
+                  flush=True)
 
     def _move_aside(self, steps: list[int]):
         """Move unreadable checkpoints out of checkpoints/ into checkpoints_unreadable/, so the
