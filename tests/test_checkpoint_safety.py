@@ -2,14 +2,16 @@
 checkpoint settings and a batch that cannot fit are refused before any work, a diverging run
 saves nothing non-finite, half-written Orbax directories are cleaned up."""
 import os
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from unclip_jax.stages import train_stage as train
+from unclip_jax.stages import build_stage, train_stage as train
 from unclip_jax.train.config import load_config
+from unclip_jax.train.trainer import train as trainer_train
 from unclip_jax.workdir import load_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,3 +152,22 @@ def test_half_written_orbax_directories_are_removed(tmp_path, capsys):
     assert res.history[0]["step"] == 3 and res.step == 4
     assert sorted(os.listdir(ck)) == ["2", "4"]
     assert load_stage(str(stage_dir)).step == 4
+
+
+def test_batch_that_cannot_fit_in_host_memory_is_refused_at_once(tmp_path):
+    cfg = tiny("upsampler", f"batch_size={10 ** 11}")
+    stage = build_stage(cfg, str(tmp_path))
+
+    def never(*a, **k):
+        raise AssertionError("the trainer went on to init / data / compile")
+
+    stage.init_variables = stage.batches = stage.post_init = never
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    per_example = sum(a.nbytes for a in stage.dummy_batch(1).values())
+    assert per_example * 10 ** 11 > host
+    t0 = time.time()
+    with pytest.raises(ValueError, match=r"batch_size 100000000000 needs at least .* of host "
+                                         r"memory for its inputs alone .* this host has"):
+        trainer_train(stage, cfg, str(tmp_path), progress=False)
+    assert time.time() - t0 < 5
+    assert not os.path.exists(tmp_path / "upsampler")

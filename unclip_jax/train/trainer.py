@@ -80,6 +80,42 @@ def _validate(config, mesh):
             raise ValueError(f"checkpoint.{key} must be at least 1, got {config.checkpoint[key]}")
 
 
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _check_batch_fits(stage, config, mesh):
+    """Refuse at once (before data, init and compile) a batch whose inputs alone cannot fit: the
+    host-local batch in this host's memory, or a device's shard of it in that device's memory.
+    Inputs only (a lower bound): activations, parameters and the data pipeline come on top."""
+    per_example = sum(np.asarray(a).nbytes for a in jax.tree.leaves(stage.dummy_batch(1)))
+    gb = int(config.batch_size)
+    per_host = gb // jax.process_count()
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX host
+        host = 0
+    if host and per_example * per_host > host:
+        raise ValueError(
+            f"batch_size {gb} needs at least {_bytes(per_example * per_host)} of host memory for "
+            f"its inputs alone ({_bytes(per_example)} an example x {per_host} examples on this "
+            f"host); this host has {_bytes(host)}: lower batch_size")
+    try:
+        limit = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit", 0)
+    except Exception:  # noqa: BLE001 -- not every backend reports its memory
+        limit = 0
+    per_device = per_example * -(-gb // data_parallel_size(mesh))
+    if limit and per_device > limit:
+        raise ValueError(
+            f"batch_size {gb} needs at least {_bytes(per_device)} of device memory for its inputs "
+            f"alone ({_bytes(per_example)} an example x {gb} / {data_parallel_size(mesh)} "
+            f"data-parallel devices); a device has {_bytes(limit)}: lower batch_size or use more "
+            f"devices")
+
+
 def make_train_step(stage, tx, schedule, config, mesh, rules):
     """The pure update: grads (with accumulation over micro-batches), optax, EMA, metrics."""
     accum = int(config.get("grad_accum", 1))
@@ -195,6 +231,7 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
     rules = get_rules(config.sharding if isinstance(config.sharding, str)
                       else list(config.sharding))
     _validate(config, mesh)
+    _check_batch_fits(stage, config, mesh)
     pc, pi = jax.process_count(), jax.process_index()
     per_host = int(config.batch_size) // pc
     total = int(config.total_steps)
