@@ -234,7 +234,8 @@ def main(argv=None) -> int:
     args.overrides = overrides
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            FloatingPointError) as e:  # FloatingPointError: a diverged training run
         print(f"unclip-jax {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

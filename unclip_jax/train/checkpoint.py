@@ -4,7 +4,10 @@ The stage record (`unclip_jax.workdir.StageRecord`, config.json) is written besi
 checkpoints so a sampler can rebuild the model with no config file; loading a trained stage lives
 in `unclip_jax.workdir`. A workdir whose record describes a different model is refused before
 anything is written. If the newest checkpoint cannot be read (a partial write), the one before it
-is used, with a warning.
+is used, with a warning, and the unreadable one is moved aside to
+WORKDIR/<stage>/checkpoints_unreadable/<step>/ (kept for inspection, never deleted), so that the
+run writes that step again and later loads find it. Half-written Orbax directories
+(`<step>.orbax-checkpoint-tmp-*`, left by a kill during a save) are removed when a run starts.
 """
 from __future__ import annotations
 
@@ -14,10 +17,15 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from unclip_jax.workdir import RECORD_FILE, StageRecord, has_checkpoints, read_record
 
 log = logging.getLogger(__name__)
+
+TMP_MARK = ".orbax-checkpoint-tmp"  # a save in progress: <step>.orbax-checkpoint-tmp-<time>
+UNREADABLE_DIR = "checkpoints_unreadable"  # beside checkpoints/: what a fallback moved aside
+
 
 class ConfigMismatchError(ValueError):
     """The workdir holds a checkpoint of another model configuration."""
@@ -42,6 +50,7 @@ class StageCheckpointer:
         self.dir = os.path.abspath(stage_dir) if "://" not in stage_dir else stage_dir
         self.every = max(1, int(every))  # the trainer saves at multiples of it, and at the end
         self._check_and_write_record(record)
+        self._remove_half_written()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=1, create=True,
             enable_async_checkpointing=async_save)
@@ -59,13 +68,51 @@ class StageCheckpointer:
         if jax.process_index() == 0:
             record.write(self.dir)
 
+    def _remove_half_written(self):
+        """Remove the `<step>.orbax-checkpoint-tmp-*` directories a killed save left behind
+        (Orbax never reads them; they only take space and confuse people), saying so."""
+        root = epath.Path(self.dir) / "checkpoints"
+        if jax.process_index() != 0 or not root.exists():
+            return
+        tmps = sorted((p for p in root.iterdir() if TMP_MARK in p.name), key=lambda p: p.name)
+        for p in tmps:
+            p.rmtree() if p.is_dir() else p.unlink()
+        if tmps:
+            n = len(tmps)
+            print(f"removed {n} half-written checkpoint director{'y' if n == 1 else 'ies'} left "
+                  f"by an interrupted save: {', '.join(p.name for p in tmps)} (in {root})",
+                  flush=True)
+
+    def _move_aside(self, steps: list[int]):
+        """Move unreadable checkpoints out of checkpoints/ into checkpoints_unreadable/, so the
+        run saves those steps again (Orbax skips a step it already lists) and loaders stop
+        falling back to an older one. Moved, not deleted: an unreadable read may be transient."""
+        if jax.process_index() == 0:
+            aside = epath.Path(self.dir) / UNREADABLE_DIR
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                dest, n = aside / str(step), 1
+                while dest.exists():
+                    dest, n = aside / f"{step}-{n}", n + 1
+                (epath.Path(self.dir) / "checkpoints" / str(step)).rename(dest)
+                print(f"moved the unreadable checkpoint at step {step} to {dest} (kept for "
+                      f"inspection; delete it when done): this run writes step {step} again",
+                      flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("unclip_jax: unreadable checkpoints moved")
+        self.manager.reload()
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def restore(self, abstract_state) -> tuple[Any, dict, int] | None:
         """Restore the newest readable checkpoint into the shapes/shardings of `abstract_state`
-        (a tree of jax.ShapeDtypeStruct with shardings). None when there is no checkpoint."""
+        (a tree of jax.ShapeDtypeStruct with shardings). None when there is no checkpoint.
+        Unreadable checkpoints newer than the one restored are moved aside (`_move_aside`)."""
         steps = sorted(self.manager.all_steps(), reverse=True)
+        unreadable: list[int] = []
         for i, step in enumerate(steps):
             try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
@@ -81,10 +128,14 @@ class StageCheckpointer:
                             type(e).__name__, nxt)
                 print(f"warning: checkpoint at step {step} is unreadable "
                       f"({type(e).__name__}){nxt}", flush=True)
+                unreadable.append(step)
                 continue
+            if unreadable:
+                self._move_aside(unreadable)
             return out["state"], dict(out["meta"] or {}), step
         if steps:
             print("warning: no readable checkpoint; starting from scratch", flush=True)
+            self._move_aside(unreadable)
         return None
 
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:

@@ -75,6 +75,45 @@ def _validate(config, mesh):
                          f"over the mesh's {dp} data-parallel devices (data x fsdp)")
     if int(config.total_steps) <= 0:
         raise ValueError(f"total_steps must be positive, got {config.total_steps}")
+    for key in ("keep", "every"):  # keep=0 would save nothing; every=0 divides by zero
+        if int(config.checkpoint[key]) < 1:
+            raise ValueError(f"checkpoint.{key} must be at least 1, got {config.checkpoint[key]}")
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _check_batch_fits(stage, config, mesh):
+    """Refuse at once (before data, init and compile) a batch whose inputs alone cannot fit: the
+    host-local batch in this host's memory, or a device's shard of it in that device's memory.
+    Inputs only (a lower bound): activations, parameters and the data pipeline come on top."""
+    per_example = sum(np.asarray(a).nbytes for a in jax.tree.leaves(stage.dummy_batch(1)))
+    gb = int(config.batch_size)
+    per_host = gb // jax.process_count()
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX host
+        host = 0
+    if host and per_example * per_host > host:
+        raise ValueError(
+            f"batch_size {gb} needs at least {_bytes(per_example * per_host)} of host memory for "
+            f"its inputs alone ({_bytes(per_example)} an example x {per_host} examples on this "
+            f"host); this host has {_bytes(host)}: lower batch_size")
+    try:
+        limit = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit", 0)
+    except Exception:  # noqa: BLE001 -- not every backend reports its memory
+        limit = 0
+    per_device = per_example * -(-gb // data_parallel_size(mesh))
+    if limit and per_device > limit:
+        raise ValueError(
+            f"batch_size {gb} needs at least {_bytes(per_device)} of device memory for its inputs "
+            f"alone ({_bytes(per_example)} an example x {gb} / {data_parallel_size(mesh)} "
+            f"data-parallel devices); a device has {_bytes(limit)}: lower batch_size or use more "
+            f"devices")
 
 
 def make_train_step(stage, tx, schedule, config, mesh, rules):
@@ -128,6 +167,31 @@ def make_train_step(stage, tx, schedule, config, mesh, rules):
     return step_fn
 
 
+def _all_finite(tree) -> jax.Array:
+    """One bool on device: every floating-point leaf of `tree` is finite (a single reduction;
+    the trainer fetches it only at save steps)."""
+    ok = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+          if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(ok)) if ok else jnp.bool_(True)
+
+
+def _last_good(ckpt) -> str:
+    last = ckpt.latest_step()
+    return (f"the last good checkpoint is step {last} in {ckpt.dir}" if last is not None
+            else f"no checkpoint has been saved in {ckpt.dir}")
+
+
+def _non_finite_error(stage_name, step, state, finite, ckpt) -> FloatingPointError:
+    """What to say when the state to be saved at `step` is not finite (it is not saved)."""
+    parts = [name for name in ("params", "opt_state", "ema_params")
+             if not bool(finite(getattr(state, name)))]
+    return FloatingPointError(
+        f"[{stage_name}] the training state is not finite at step {step} "
+        f"(non-finite {', '.join(parts) or 'values'}): not saving it; {_last_good(ckpt)}. The "
+        f"run diverged: lower optimizer.lr (or check the data); the same command resumes from "
+        f"the last good checkpoint")
+
+
 def _model_flops_per_device(stage, config, params_abs, batch_abs, frozen) -> float | None:
     """Model FLOPs of one step on one device, for TFLOP/s and MFU: the stage's own count, else
     3 x the loss's forward matrix products / convolutions counted on its jaxpr (every scanned
@@ -167,6 +231,7 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
     rules = get_rules(config.sharding if isinstance(config.sharding, str)
                       else list(config.sharding))
     _validate(config, mesh)
+    _check_batch_fits(stage, config, mesh)
     pc, pi = jax.process_count(), jax.process_index()
     per_host = int(config.batch_size) // pc
     total = int(config.total_steps)
@@ -232,6 +297,7 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
     with jax.set_mesh(mesh):
         compiled = jitted.lower(abstract_state, batch_abs, frozen).compile()
     compile_s = time.time() - t0
+    finite = jax.jit(_all_finite, out_shardings=replicated(mesh))  # checked before each save
     step_flops = _model_flops_per_device(stage, config, params_abs, batch_abs, frozen)
     peak = flops_lib.peak_flops()
     mem = flops_lib.memory_summary(compiled)
@@ -291,7 +357,8 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
                     bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
                 if not all(math.isfinite(v) for v in (m["loss"], m["grad_norm"])):
                     raise FloatingPointError(
-                        f"[{stage.name}] non-finite loss or gradient at step {step}: {m}")
+                        f"[{stage.name}] non-finite loss or gradient at step {step}: {m}; "
+                        f"{_last_good(ckpt)}")
             preview = bool(sample_every and step % sample_every == 0 and pi == 0)
             save = stop or step == total or step % ckpt.every == 0
             if preview or save:  # previews and saves are not training time: pause the clock
@@ -301,7 +368,9 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
                     imgs = stage.sample_images(state.ema_params, frozen, jax.random.key(step))
                     if imgs is not None:
                         writer.write_images(step, {"samples": np.asarray(imgs)})
-                if save:
+                if save:  # never a non-finite state: with keep-N it would push out good ones
+                    if not bool(finite(state)):
+                        raise _non_finite_error(stage.name, step, state, finite, ckpt)
                     ckpt.save(step, state, {"skipped": skipped_total})
                 t_last += time.time() - paused
             if stop:
