@@ -108,3 +108,39 @@ def test_an_unusable_dir_warns_once_and_goes_on(unconfigured):
         assert enable_compilation_cache(bad) is None
     assert jax.config.jax_compilation_cache_dir is None
     assert int(jax.jit(lambda x: x + 1)(1)) == 2  # compiling still works
+
+
+def test_the_pipeline_turns_the_cache_on(monkeypatch, tmp_path):
+    from unclip_jax import pipeline
+    from unclip_jax.convert.diffusers_pipeline import NotAPipelineError
+
+    calls = []
+    monkeypatch.setattr(pipeline, "enable_compilation_cache", lambda: calls.append(1))
+    with pytest.raises(NotAPipelineError):
+        pipeline.UnCLIPPipeline.from_diffusers(str(tmp_path / "missing"))
+    assert calls  # before anything of the pipeline is loaded or compiled
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_cli_no_compile_cache_flag(monkeypatch, tmp_path, capsys, where):
+    from unclip_jax.cli import main
+
+    monkeypatch.setattr(compile_cache, "_state", {"disabled": False, "warned": False})
+    cmd = ["sample", "--workdir", str(tmp_path / "missing"), "--prompt", "a red cube"]
+    argv = ["--no-compile-cache"] + cmd if where == "before" else cmd + ["--no-compile-cache"]
+    suite_dir = jax.config.jax_compilation_cache_dir
+    assert main(argv) == 1  # parsed; fails fast on the missing workdir
+    assert "error" in capsys.readouterr().err
+    assert compile_cache.disabled()
+    assert jax.config.jax_compilation_cache_dir == suite_dir
+
+
+def test_cli_default_keeps_a_configured_cache(monkeypatch, tmp_path, capsys):
+    from unclip_jax.cli import build_parser, main
+
+    monkeypatch.setattr(compile_cache, "_state", {"disabled": False, "warned": False})
+    assert build_parser().parse_args(["demo"]).no_compile_cache is False
+    suite_dir = jax.config.jax_compilation_cache_dir
+    assert main(["sample", "--workdir", str(tmp_path / "missing"), "--prompt", "x"]) == 1
+    assert not compile_cache.disabled()
+    assert jax.config.jax_compilation_cache_dir == suite_dir
