@@ -33,11 +33,11 @@ import warnings
 DIR_ENV = "UNCLIP_JAX_CACHE_DIR"
 #: "0" / "false" / "no" / "off" turns unclip_jax's cache off
 SWITCH_ENV = "UNCLIP_JAX_COMPILATION_CACHE"
-#: programs that compile faster than this are not written. JAX's own default (1 s) skips
-#: almost everything the small models compile on CPU — the prior's and the small UNets'
-#: samplers each take well under a second to a few seconds, and the dozens of small programs
-#: (casts, tokens to arrays, image conversion) add up — while reading an entry back costs a file
-#: read of a few kB to a few MB. 0 caches them all; bench/bench_startup.py measures the effect.
+#: programs that compiled faster than this are not written. JAX's default (1 s) skips most of
+#: what a sample compiles on CPU: with the `small` pipeline 48 of 55 programs (casts, random
+#: draws, resizes) take under 1 s each, 5.3 s together, in every process — while all 55 entries
+#: take 0.7 MiB and reading one back is a small file read. Which programs pass a time threshold
+#: also changes with the machine's load. 0 caches them all (docs/PERFORMANCE.md, "Start-up").
 MIN_COMPILE_TIME_SECS = 0.0
 
 _OFF = ("0", "false", "no", "off")
@@ -54,7 +54,8 @@ def default_cache_dir() -> str:
 
 
 def disabled() -> bool:
-    """Whether unclip_jax's cache is turned off (environment or :func:`disable_compilation_cache`)."""
+    """Whether unclip_jax's cache is turned off (by the environment or by
+    :func:`disable_compilation_cache`)."""
     return _state["disabled"] or os.environ.get(SWITCH_ENV, "").strip().lower() in _OFF
 
 
