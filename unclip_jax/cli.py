@@ -148,8 +148,15 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+_NO_CACHE_HELP = ("don't turn on unclip-jax's persistent compilation cache ($UNCLIP_JAX_CACHE_DIR, "
+                  "else $XDG_CACHE_HOME/unclip_jax/xla or ~/.cache/unclip_jax/xla; the same as "
+                  "UNCLIP_JAX_COMPILATION_CACHE=0). A cache JAX is configured with "
+                  "(JAX_COMPILATION_CACHE_DIR) stays")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unclip-jax", description="unCLIP (DALL-E 2) in JAX/Flax")
+    p.add_argument("--no-compile-cache", action="store_true", help=_NO_CACHE_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="text -> image with a diffusers UnCLIP pipeline directory")
@@ -221,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="workdir/demo")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_cmd_demo)
+    for command in sub.choices.values():  # also after the command: `unclip-jax sample --no-...`
+        command.add_argument("--no-compile-cache", action="store_true", default=argparse.SUPPRESS,
+                             help=_NO_CACHE_HELP)
     return p
 
 
@@ -232,6 +242,12 @@ def main(argv=None) -> int:
     rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(rest)
     args.overrides = overrides
+    from unclip_jax import compile_cache
+
+    if args.no_compile_cache:
+        compile_cache.disable_compilation_cache()
+    else:  # before anything compiles: a second run loads the compiled programs from disk
+        compile_cache.enable_compilation_cache()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,

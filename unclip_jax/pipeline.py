@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unclip_jax.compile_cache import enable_compilation_cache
 from unclip_jax.convert.diffusers_pipeline import load_components
 from unclip_jax.diffusion import GaussianDiffusion, Sampler, StageSampling
 from unclip_jax.images import to_uint8
@@ -110,6 +111,9 @@ class UnCLIPPipeline:
             raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
         if attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(f"attention_impl must be None, 'xla' or 'cudnn', got {attention_impl!r}")
+        # compile once per machine (unclip_jax.compile_cache: off with
+        # UNCLIP_JAX_COMPILATION_CACHE=0; a cache dir JAX already has is kept)
+        enable_compilation_cache()
 
         def cast(stage):
             if stage is None:
@@ -152,6 +156,7 @@ class UnCLIPPipeline:
     @classmethod
     def from_diffusers(cls, path: str, **kw) -> "UnCLIPPipeline":
         """Load a diffusers UnCLIPPipeline directory saved on disk (nothing is downloaded)."""
+        enable_compilation_cache()  # before the conversion's first programs compile
         c = load_components(path)
         last = c["super_res_last"]
         return cls(
@@ -170,6 +175,7 @@ class UnCLIPPipeline:
         """
         from unclip_jax.workdir import load_stack
 
+        enable_compilation_cache()  # before the checkpoints' restore compiles anything
         st = load_stack(workdir, upsampler=upsampler)
         part = lambda s: Component(s.config, s.params, s.sampling)  # noqa: E731
         pipe = cls(st.tokenizer, (st.clip.text_config, st.clip.text_params), part(st.prior),
