@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 from typing import Any
 
@@ -201,8 +202,14 @@ def load_stage(stage_dir: str, *, which: str = "ema_params",
     ckdir = os.path.join(stage_dir, "checkpoints")
     if not has_checkpoints(stage_dir):
         raise FileNotFoundError(f"{stage_dir} has no checkpoints yet")
-    mgr = ocp.CheckpointManager(ckdir, item_names=("state", "meta"),
-                                options=ocp.CheckpointManagerOptions(read_only=True))
+    absl = logging.getLogger("absl")  # Orbax says at WARNING that a read-only manager is
+    level = absl.level                 # read-only, once a line per load: not news to a reader
+    absl.setLevel(logging.ERROR)
+    try:
+        mgr = ocp.CheckpointManager(ckdir, item_names=("state", "meta"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    finally:
+        absl.setLevel(level)
     try:
         steps = sorted(mgr.all_steps(), reverse=True)
         last_err = None
