@@ -330,3 +330,21 @@ def test_tfds_builder_builds_and_reads_back(tmp_path):
     train = list(tfds.as_numpy(builder.as_dataset(split="train")))
     assert sorted(json.loads(e["scene"].decode())["objects"][0]["cell"] for e in train) == sorted(
         e["scene"]["objects"][0]["cell"] for e in S.generate("train", 16, seed=0))
+
+
+def test_background_noise_closed_form():
+    """A rendered scene's background is flat (0); a known offset / noise on the background
+    pixels reads back as its mean absolute value; object pixels do not count."""
+    img = S.render(S.sample_scenes("test", 1, seed=4)[0], 64)
+    assert A.background_noise(img) < 0.5
+    mask = A.background_mask(img)
+    assert 0.3 < mask.mean() < 0.99
+    shifted = img.astype(np.int64)
+    shifted[mask] += 10
+    assert abs(A.background_noise(np.clip(shifted, 0, 255).astype(np.uint8)) - 10.0) < 1e-9
+    rng = np.random.default_rng(0)
+    noise = rng.integers(-6, 7, size=img.shape)
+    noisy = np.clip(img.astype(np.int64) + np.where(mask[..., None], noise, 0), 0, 255)
+    want = np.mean(np.abs(noisy[mask] - np.asarray(S.BACKGROUND)))
+    got = A.background_noise(noisy.astype(np.uint8))
+    assert abs(got - want) < 0.2 and 2.5 < got < 4.0  # E|U{-6..6}| = 42/13 = 3.23

@@ -250,6 +250,41 @@ def analyse(image, min_area: float = 0.3, max_color_dist: float = 150.0) -> list
     return objects
 
 
+def background_mask(image, margin: int = 2, max_color_dist: float = 150.0) -> np.ndarray:
+    """bool [H, W]: the pixels of an image that are background -- farther than `margin` pixels
+    from every pixel that leans towards a palette colour (alpha >= 0.25 along its nearest
+    background -> colour segment, within `max_color_dist`), so anti-aliased edges and faint
+    shadows of objects are not counted."""
+    img = _to_rgb255(image)
+    alpha_c, dist_c = _segment_coords(img)
+    nearest = np.argmin(dist_c, axis=-1)
+    best_alpha = np.take_along_axis(alpha_c, nearest[..., None], -1)[..., 0]
+    best_dist = np.take_along_axis(dist_c, nearest[..., None], -1)[..., 0]
+    near = (best_alpha >= 0.25) & (best_dist <= max_color_dist)
+    grown = near.copy()
+    for dy in range(-margin, margin + 1):  # a square dilation, numpy only
+        for dx in range(-margin, margin + 1):
+            shifted = np.zeros_like(near)
+            ys = slice(max(dy, 0), near.shape[0] + min(dy, 0))
+            yd = slice(max(-dy, 0), near.shape[0] + min(-dy, 0))
+            xs = slice(max(dx, 0), near.shape[1] + min(dx, 0))
+            xd = slice(max(-dx, 0), near.shape[1] + min(-dx, 0))
+            shifted[yd, xd] = near[ys, xs]
+            grown |= shifted
+    return ~grown
+
+
+def background_noise(image, margin: int = 2) -> float:
+    """Mean absolute deviation (0-255 grey levels, over pixels and channels) of an image's
+    background pixels (:func:`background_mask`) from the world's background colour: ~0 for a
+    rendered scene, larger for a grainy or tinted generated one; nan without background."""
+    img = _to_rgb255(image)
+    mask = background_mask(img, margin)
+    if not mask.any():
+        return float("nan")
+    return float(np.mean(np.abs(img[mask] - np.asarray(S.BACKGROUND, np.float64))))
+
+
 def _expected_objects(scene_or_objects) -> list[S.ShapeObject]:
     if isinstance(scene_or_objects, S.Scene):
         return list(scene_or_objects.objects)

@@ -217,12 +217,22 @@ def evaluate(pipe, *, n_single=64, n_two=32, n_heldout=32, seed=0, steps=(25, 25
         res["clip_score"][name] = {"generated": ev.clip_score(final, s["prompts"]),
                                    "real": ev.clip_score(s["images"], s["prompts"])}
         images[name] = (final, s["prompts"])
+    res["background_noise"] = {"generated": background_noise(images["single"][0]),
+                               "real": background_noise(sets["single"]["images"])}
     res["diagnostics"] = {
         "salience": ev.attribute_salience(),
         "denoising_probe": ev.denoising_probe(sets["single"]["images"], sets["single"]["scenes"],
                                               sets["single"]["prompts"], seed=seed)}
     res["_images"] = images
     return res
+
+
+def background_noise(images) -> float:
+    """Mean over images of :func:`analyse.background_noise` (0-255 grey levels): how far the
+    background of the images is from the world's flat background colour."""
+    values = [analyse.background_noise(im) for im in images]
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def write_json(path: str, res: dict) -> None:

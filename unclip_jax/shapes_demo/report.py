@@ -52,6 +52,12 @@ def write_report(path: str, res: dict, grid: str = "grid.png") -> str:
               "CLIP:", "", "| prompts | generated | real images |", "|---|---|---|"]
     for k in ("single", "two", "heldout"):
         lines.append(f"| {k} | {cs[k]['generated']:.1f} | {cs[k]['real']:.1f} |")
+    bn = res.get("background_noise")
+    if bn:
+        lines += ["", "## Background noise", "", "Mean absolute deviation of background pixels "
+                  "from the flat background colour (0-255 grey levels; pixels within 2 of an "
+                  "object excluded), single-object prompts:", "", "| generated | real images |",
+                  "|---|---|", f"| {bn['generated']:.1f} | {bn['real']:.1f} |"]
     dg = res.get("diagnostics")
     if dg:
         lines += ["", "## Diagnostics: where an attribute is lost", "",
