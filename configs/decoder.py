@@ -36,7 +36,7 @@ def get_config(arg=None):
                   norm_groups=s["groups"], dropout=s.get("dropout", 0.0),
                   resnet_time_scale_shift="scale_shift",
                   resblock_updown=True, context_dim=s["context"], time_cond=True,
-                  coord_input=size == "demo",
+                  coord_input=size == "demo", patch_size=s.get("patch", 1),
                   dtype="float32", param_dtype="float32"),
         clip_embed_dim=s["clip"], clip_extra_context_tokens=4))
     # The demo predicts x0 with a flat x0 loss and samples with DDIM. A small, briefly trained
@@ -47,7 +47,8 @@ def get_config(arg=None):
     demo = size == "demo"
     c.diffusion = ml_collections.ConfigDict(dict(
         schedule="cosine", num_train_steps=1000, prediction="x0" if demo else "eps",
-        variance="learned_range", beta_start=1e-4, beta_end=0.02))
+        variance="learned_range", beta_start=1e-4, beta_end=0.02,
+        sigma_data=0.5))
     c.loss = ml_collections.ConfigDict({"type": "hybrid", "vlb_weight": 1e-3, "p2_gamma": 0.0,
                                         "min_snr_gamma": 0.0, "snr_floor": 0.0})
     # how the pipeline samples this decoder by default (DDPM at guidance 8: Karlo's; the demo's

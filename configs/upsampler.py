@@ -37,6 +37,8 @@ def get_config(arg=None):
     c.loss = ml_collections.ConfigDict({"type": "mse", "vlb_weight": 1e-3,
                                         "min_snr_gamma": 5.0 if size == "demo" else 0.0,
                                         "snr_floor": 0.0})
+    # how the pipeline samples it (Karlo: DDPM, 7 steps)
+    c.sampling = ml_collections.ConfigDict(dict(method="ddpm", eta=0.0))
     c.upsample = ml_collections.ConfigDict(dict(
         low_res_size=s["low"], crop_size=s["crop"], degradation=s["deg"],
         blur_sigma=(0.4, 0.6), noise_aug_max=0, sample_noise_level=0))

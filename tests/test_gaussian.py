@@ -55,7 +55,7 @@ def test_posterior_log_variance_clipped_at_t0(diff):
     assert diff.posterior_log_variance_clipped[0] == pytest.approx(math.log(diff.posterior_variance[1]))
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "edm"])
 def test_parametrisations_are_consistent(prediction):
     d = GaussianDiffusion(DiffusionConfig(prediction=prediction))
     rng = np.random.default_rng(1)
@@ -108,7 +108,7 @@ def test_min_snr_weighting(prediction, factor):
     assert snr[2] < 5.0 and want[2] == pytest.approx(0.25) if prediction == "eps" else True
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "edm"])
 @pytest.mark.parametrize("gamma,floor", [(0.0, 1.0), (5.0, 1.0), (5.0, 0.0)])
 def test_snr_weights_are_x0_space_weights(prediction, gamma, floor):
     """Weighted loss = clip(SNR, floor, gamma) x the squared error of the x0 the output implies
@@ -131,6 +131,43 @@ def test_snr_weights_are_x0_space_weights(prediction, gamma, floor):
     np.testing.assert_allclose(np.asarray(loss), w * x0_mse, rtol=2e-3)
     if floor:  # the highest-noise step keeps weight `floor` (its SNR is far below it)
         assert snr[-1] < 1e-2 and w[-1] == floor
+
+
+def test_edm_preconditioning_closed_forms():
+    """prediction="edm" is Karras et al.'s preconditioning on x_t / sqrt(abar): c_skip(sigma) =
+    sd^2 / (sigma^2 + sd^2), c_out(sigma) = sigma sd / sqrt(sigma^2 + sd^2), sigma^2 = 1 / SNR;
+    sigma_data = 1 is v prediction (F = -v); the unweighted loss is EDM's lambda(sigma) =
+    1 / sigma^2 + 1 / sd^2 times the squared error of x0."""
+    from unclip_jax.diffusion.gaussian import edm_coefficients
+
+    sd = 0.3
+    d = GaussianDiffusion(DiffusionConfig(prediction="edm", sigma_data=sd))
+    ts = np.array([1, 150, 500, 980])
+    a = np.asarray(d.alphas_cumprod, np.float64)[ts]
+    sigma = np.sqrt((1 - a) / a)
+    c_skip, c_out = edm_coefficients(np.sqrt(a), np.sqrt(1 - a), sd)
+    np.testing.assert_allclose(np.asarray(c_skip) * np.sqrt(a), sd ** 2 / (sigma ** 2 + sd ** 2),
+                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(c_out), sigma * sd / np.sqrt(sigma ** 2 + sd ** 2),
+                               rtol=1e-6)
+    rng = np.random.default_rng(3)
+    x0 = jnp.asarray(rng.uniform(-1, 1, (4, 5)), jnp.float32)
+    noise = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+    t = jnp.asarray(ts)
+    v = GaussianDiffusion(DiffusionConfig(prediction="v"))
+    d1 = GaussianDiffusion(DiffusionConfig(prediction="edm", sigma_data=1.0))
+    np.testing.assert_allclose(np.asarray(d1.targets(x0, noise, t)),
+                               -np.asarray(v.targets(x0, noise, t)), rtol=1e-4, atol=1e-5)
+    out = d.targets(x0, noise, t) + jnp.asarray(rng.normal(size=(4, 5)) * 0.2, jnp.float32)
+    x_t = np.asarray(d.q_sample(x0, t, noise), np.float64)
+    x0_hat = (np.asarray(c_skip)[:, None] * x_t + np.asarray(c_out)[:, None]
+              * np.asarray(out, np.float64))
+    lam = 1 / sigma ** 2 + 1 / sd ** 2
+    want = lam * np.mean((x0_hat - np.asarray(x0, np.float64)) ** 2, axis=1)
+    loss, _ = d.loss(out, x0, noise, t)
+    np.testing.assert_allclose(np.asarray(loss), want, rtol=2e-3)
+    with pytest.raises(ValueError, match="sigma_data"):
+        DiffusionConfig(prediction="edm", sigma_data=0.0)
 
 
 def test_normal_kl_closed_form():

@@ -375,3 +375,27 @@ def test_coord_input():
     want = unet_lib.UNet(plain).apply(v_plain, x, t)
     np.testing.assert_allclose(unet_lib.UNet(coord).apply(zeroed, x, t), want, atol=1e-5)
     assert not np.allclose(unet_lib.UNet(coord).apply(v, x, t), want, atol=1e-3)
+
+
+def test_patch_size_folds_pixels_into_channels_and_back():
+    """patch_size p: space_to_depth puts pixel (p i + dy, p j + dx, c) at patch (i, j), channel
+    (dy p + dx) C + c; depth_to_space inverts it; a patched UNet maps [B, H, W, 3] to
+    [B, H, W, out] and its conv_in sees 3 p^2 (+ 2 p^2 coordinate) channels."""
+    from unclip_jax.models.unet import depth_to_space, space_to_depth
+
+    x = np.random.default_rng(0).normal(size=(2, 8, 12, 3)).astype(np.float32)
+    y = np.asarray(space_to_depth(jnp.asarray(x), 2))
+    assert y.shape == (2, 4, 6, 12)
+    for (i, j, dy, dx, c) in [(0, 0, 0, 0, 0), (3, 5, 1, 0, 2), (2, 1, 1, 1, 1)]:
+        assert y[1, i, j, (dy * 2 + dx) * 3 + c] == x[1, 2 * i + dy, 2 * j + dx, c]
+    np.testing.assert_array_equal(np.asarray(depth_to_space(jnp.asarray(y), 2)), x)
+    cfg = unet_lib.UNetConfig(block_out_channels=(16, 32), layers_per_block=1, norm_groups=8,
+                     attention_levels=(False, True), attention_head_dim=8, patch_size=2,
+                     coord_input=True, context_dim=8)
+    x, t, kw = unet_lib.init_inputs(cfg, batch=2, size=16)
+    variables = nn.unbox(unet_lib.UNet(cfg).init(jax.random.key(0), x, t, **kw))
+    assert variables["params"]["conv_in"]["kernel"].shape[2] == (3 + 2) * 4
+    assert unet_lib.UNet(cfg).apply(variables, x, t, **kw).shape == (2, 16, 16, cfg.out_channels)
+    with pytest.raises(ValueError, match="not divisible by 4"):
+        unet_lib.UNet(cfg).apply(variables, jnp.zeros((1, 10, 10, 3)), t[:1], **{
+            k: v[:1] for k, v in kw.items()})

@@ -19,7 +19,7 @@ import numpy as np
 
 from unclip_jax.diffusion.schedule import NoiseSchedule, _check_int, make_betas
 
-PREDICTIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v", "edm")
 _PREDICTION_ALIASES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "learned_range")
 LOSSES = ("mse", "hybrid")
@@ -31,10 +31,12 @@ class DiffusionConfig:
 
     schedule: str = "cosine"  # cosine (squaredcos_cap_v2) | linear
     num_train_steps: int = 1000
-    prediction: str = "eps"  # eps | x0 | v  (aliases: epsilon, sample, v_prediction)
+    prediction: str = "eps"  # eps | x0 | v | edm  (aliases: epsilon, sample, v_prediction)
     variance: str = "fixed_small_log"  # fixed_small | fixed_small_log | fixed_large | learned_range
     beta_start: float = 1e-4  # linear schedule only
     beta_end: float = 0.02
+    # prediction="edm": the data's standard deviation of Karras et al.'s (2022) preconditioning
+    sigma_data: float = 0.5
 
     def __post_init__(self):
         object.__setattr__(self, "prediction",
@@ -45,6 +47,8 @@ class DiffusionConfig:
         if self.variance not in VARIANCES:
             raise ValueError(f"unknown variance type {self.variance!r}; expected one of {VARIANCES}")
         _check_int("num_train_steps", self.num_train_steps, 1)
+        if not float(self.sigma_data) > 0:
+            raise ValueError(f"sigma_data must be > 0, got {self.sigma_data}")
         make_betas(self.schedule, 1, beta_start=self.beta_start, beta_end=self.beta_end)
 
     @property
@@ -57,6 +61,16 @@ class DiffusionConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "DiffusionConfig":
         return cls(**d)
+
+
+def edm_coefficients(sa, s1a, sigma_data: float):
+    """Karras et al.'s (2022) preconditioning written for the variance-preserving x_t = sa x0 +
+    s1a eps (sigma = s1a / sa): x0 = c_skip x_t + c_out F with c_skip = sigma_d^2 sa / D^2 and
+    c_out = s1a sigma_d / D, D^2 = s1a^2 + sa^2 sigma_d^2 (EDM's c_skip(sigma) / sa and
+    c_out(sigma) on x_t / sa). At low noise x0 is mostly x_t (nothing to blur), at high noise
+    mostly F (an x0 prediction); sigma_d = 1 is v prediction (F = -v)."""
+    d2 = s1a * s1a + sa * sa * sigma_data * sigma_data
+    return sigma_data * sigma_data * sa / d2, s1a * sigma_data / jnp.sqrt(d2)
 
 
 def _gather(table: np.ndarray, t: jax.Array, ndim: int, dtype=jnp.float32) -> jax.Array:
@@ -74,15 +88,20 @@ def split_variance(out: jax.Array, learned: bool):
 
 
 def predict_x0_eps(prediction: str, out: jax.Array, x_t: jax.Array, sa: jax.Array,
-                   s1a: jax.Array):
+                   s1a: jax.Array, sigma_data: float = 0.5):
     """Model output -> (x0, eps) at the noise level with sqrt(abar) = sa, sqrt(1 - abar) = s1a
-    (both broadcastable; pass them precomputed in float64 to avoid cancellation in 1 - abar)."""
+    (both broadcastable; pass them precomputed in float64 to avoid cancellation in 1 - abar).
+    `sigma_data`: prediction "edm" only (:func:`edm_coefficients`)."""
     if prediction == "eps":
         return (x_t - s1a * out) / sa, out
     if prediction == "x0":
         return out, (x_t - sa * out) / s1a
     if prediction == "v":
         return sa * x_t - s1a * out, sa * out + s1a * x_t
+    if prediction == "edm":
+        c_skip, c_out = edm_coefficients(sa, s1a, sigma_data)
+        x0 = c_skip * x_t + c_out * out
+        return x0, (x_t - sa * x0) / s1a
     raise ValueError(f"unknown model prediction {prediction!r}")
 
 
@@ -189,6 +208,9 @@ class GaussianDiffusion:
         if p == "x0":
             return x0
         sa, s1a = self._sqrt_ab(t, x0.ndim, x0.dtype)
+        if p == "edm":  # F with c_skip x_t + c_out F = x0
+            c_skip, c_out = edm_coefficients(sa, s1a, float(self.config.sigma_data))
+            return (x0 - c_skip * (sa * x0 + s1a * noise)) / c_out
         return sa * noise - s1a * x0
 
     def p_mean_variance(self, out, x_t, t, *, clip_x0: float | None = None):
@@ -198,7 +220,8 @@ class GaussianDiffusion:
         """
         cfg = self.config
         out, var_out = split_variance(out, cfg.learned_variance)
-        x0, eps = predict_x0_eps(cfg.prediction, out, x_t, *self._sqrt_ab(t, x_t.ndim, x_t.dtype))
+        x0, eps = predict_x0_eps(cfg.prediction, out, x_t, *self._sqrt_ab(t, x_t.ndim, x_t.dtype),
+                                 sigma_data=float(cfg.sigma_data))
         if clip_x0 is not None:
             x0 = jnp.clip(x0, -clip_x0, clip_x0)
         mean, _, min_log = self.q_posterior(x0, x_t, t)
@@ -267,8 +290,9 @@ class GaussianDiffusion:
             snr = self.snr(t)
             clipped = jnp.minimum(snr, min_snr_gamma) if min_snr_gamma else snr
             clipped = jnp.maximum(clipped, snr_floor) if snr_floor else clipped
-            mse = mse * {"eps": clipped / snr, "x0": clipped,
-                         "v": clipped / (snr + 1.0)}[self.config.prediction]
+            sd2 = float(self.config.sigma_data) ** 2  # edm: x0 error = c_out F error
+            mse = mse * {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1.0),
+                         "edm": clipped * sd2 / (1.0 + snr * sd2)}[self.config.prediction]
         aux = {"mse": mse}
         loss = mse
         if loss_type == "hybrid":

@@ -212,6 +212,7 @@ class StepRule:
     """The static part of a loop body: how model outputs become (x0, eps)."""
 
     prediction: str = "eps"
+    sigma_data: float = 0.5  # prediction "edm" only
     learned_variance: bool = False  # model outputs 2x channels (mean part, variance part)
     learned_std: bool = False  # take the noise scale from the variance part (DDPM only)
     clip_x0: float | None = 1.0
@@ -222,7 +223,7 @@ class StepRule:
     @classmethod
     def of(cls, diffusion: DiffusionConfig, sampling: SamplingConfig,
            clip_x0: float | None | str = "config") -> "StepRule":
-        return cls(prediction=diffusion.prediction,
+        return cls(prediction=diffusion.prediction, sigma_data=float(diffusion.sigma_data),
                    learned_variance=diffusion.learned_variance,
                    learned_std=diffusion.learned_variance and sampling.method == "ddpm",
                    clip_x0=sampling.clip_x0 if clip_x0 == "config" else clip_x0,
@@ -272,7 +273,7 @@ def sample_loop(model_fn: ModelFn, params, x, cond, uncond, guidance_scale, rng,
                             rule.learned_variance)
         mean_out, var_out = split_variance(out, rule.learned_variance)
         sa, s1a = p.sqrt_ab.astype(x.dtype), p.sqrt_1m_ab.astype(x.dtype)
-        x0, eps = predict_x0_eps(rule.prediction, mean_out, x, sa, s1a)
+        x0, eps = predict_x0_eps(rule.prediction, mean_out, x, sa, s1a, rule.sigma_data)
         if rule.dynamic_threshold is not None:
             x0 = dynamic_threshold(x0, rule.dynamic_threshold, rule.threshold_max)
         elif rule.clip_x0 is not None:

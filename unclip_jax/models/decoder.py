@@ -101,7 +101,7 @@ class Decoder(nn.Module):
 def decoder_init_inputs(config: DecoderConfig, batch: int = 1, size: int | None = None,
                         text_len: int = 1):
     """Dummy inputs (args tuple) of the right shapes for `Decoder.init`."""
-    size = size or 2 ** (config.unet.num_levels - 1)
+    size = size or 2 ** (config.unet.num_levels - 1) * config.unet.patch_size
     return (jnp.zeros((batch, size, size, config.unet.in_channels), jnp.float32),
             jnp.zeros((batch,), jnp.int32),
             jnp.zeros((batch, config.clip_embed_dim), jnp.float32),

@@ -85,6 +85,10 @@ class UNetConfig:
       conv_in (CoordConv). Convolutions with zero padding only sense position near the borders;
       a small, briefly trained UNet learns to place what the conditioning vector describes much
       faster with them. Off for ADM / Karlo / diffusers weights.
+    patch_size: the network works on p x p patches: the input (with its coordinate channels) is
+      folded space-to-depth into [B, H/p, W/p, C p^2] before conv_in and conv_out's
+      out_channels p^2 channels are unfolded depth-to-space, so every level runs at 1/p of the
+      resolution (what "simple diffusion" and DiT's patching do for pixels). 1 = ADM.
     remat: rematerialise res blocks in the backward pass (saves activation memory);
       remat_policy: what is kept (see layers.remat_policy: "full", "dots", ...).
     """
@@ -116,6 +120,7 @@ class UNetConfig:
     time_cond: bool = False
     noise_level_cond: bool = False
     coord_input: bool = False
+    patch_size: int = 1
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     remat: bool = False
@@ -142,6 +147,8 @@ class UNetConfig:
         _tuple(self.attention_head_dim, n, "attention_head_dim")
         if self.up_attention_head_dim is not None:
             _tuple(self.up_attention_head_dim, n, "up_attention_head_dim")
+        if int(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
         if self.mid_block not in MID_BLOCKS:
             raise ValueError(f"mid_block must be one of {MID_BLOCKS}, got {self.mid_block!r}")
         if self.resnet_time_scale_shift not in ("scale_shift", "default"):
@@ -220,6 +227,21 @@ def coordinate_channels(batch: int, height: int, width: int, dtype=jnp.float32) 
     xs = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width * 2 - 1
     grid = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1).astype(dtype)
     return jnp.broadcast_to(grid[None], (batch, height, width, 2))
+
+
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+    """[B, H, W, C] -> [B, H/p, W/p, p*p*C]; channel index (dy * p + dx) * C + c."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // p, p, w // p, p, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+    """The inverse of :func:`space_to_depth`."""
+    b, h, w, pc = x.shape
+    c = pc // (p * p)
+    x = x.reshape(b, h, w, p, p, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * p, w * p, c)
 
 
 def _upsample_nearest(x):
@@ -460,10 +482,12 @@ class UNet(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         n = cfg.num_levels
         b, hgt, wid, _ = x.shape
-        factor = 2 ** (n - 1)
+        p = int(cfg.patch_size)
+        factor = 2 ** (n - 1) * p
         if hgt % factor or wid % factor:
             raise ValueError(f"input size {hgt}x{wid} is not divisible by {factor} "
-                             f"(the UNet halves the resolution {n - 1} times)")
+                             f"(the UNet halves the resolution {n - 1} times"
+                             + (f" after {p}x{p} patches" if p > 1 else "") + ")")
         det = not train
 
         # embedding
@@ -496,6 +520,8 @@ class UNet(nn.Module):
         x = x.astype(dtype)
         if cfg.coord_input:
             x = jnp.concatenate([x, coordinate_channels(b, hgt, wid, dtype)], axis=-1)
+        if p > 1:
+            x = space_to_depth(x, p)
         h = _conv(cfg.block_out_channels[0], 3, "conv_in", cfg)(x)
         h = layers.constrain(h, FMAP)
         skips = [h]
@@ -516,13 +542,15 @@ class UNet(nn.Module):
         # out
         h = _group_norm(cfg.norm_groups, cfg.norm_eps, "norm_out", cfg)(h)
         h = nn.silu(h).astype(dtype)
-        out = _conv(cfg.out_channels, 3, "conv_out", cfg)(h)
+        out = _conv(cfg.out_channels * p * p, 3, "conv_out", cfg)(h)
+        if p > 1:
+            out = depth_to_space(out, p)
         return layers.constrain(out, FMAP).astype(jnp.float32)
 
 
 def init_inputs(config: UNetConfig, batch: int = 1, size: int | None = None, context_len: int = 1):
     """Dummy inputs (x, t, kwargs) of the right shapes for `UNet.init`."""
-    size = size or 2 ** (config.num_levels - 1)
+    size = size or 2 ** (config.num_levels - 1) * config.patch_size
     x = jnp.zeros((batch, size, size, config.in_channels), jnp.float32)
     t = jnp.zeros((batch,), jnp.int32)
     kw = {}

@@ -47,7 +47,9 @@ class UpsamplerStage(Stage):
 
     def record(self) -> StageRecord:
         u = self.config.upsample
-        sampling = StageSampling(self.diffusion.config, 1.0, method="ddpm",
+        s = self.config.get("sampling") or {}
+        sampling = StageSampling(self.diffusion.config, 1.0, method=s.get("method", "ddpm"),
+                                 eta=float(s.get("eta", 0.0)),
                                  noise_level=int(u.get("sample_noise_level", 0)))
         data = {"low_res_size": self.in_size, "degradation": str(u.degradation),
                 "noise_aug_max": int(u.noise_aug_max)}
