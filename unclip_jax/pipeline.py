@@ -51,9 +51,8 @@ def check_text(text: str, what: str = "a prompt") -> str:
             bad = os.fsencode(text[e.start:e.end])
         except UnicodeError:
             bad = b""
-        raise ValueError(f"{what} is not valid UTF-8 text ({e.reason}"
-                         + (f": byte {bad[:4].hex(' ')}" if bad else "")
-                         + f" at character {e.start} of {text!r})") from None
+        where = (f"byte {bad[:4].hex(' ')}" if bad else f"{e.reason}") + f" at character {e.start}"
+        raise ValueError(f"{what} {text!r} is not valid UTF-8 text ({where})".strip()) from None
     return text
 
 
