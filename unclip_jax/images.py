@@ -58,18 +58,30 @@ def center_crop_resize(image: np.ndarray, size: int, method: str = "bicubic") ->
 
 def load_image(path: str) -> np.ndarray:
     """An image file -> uint8 RGB [H, W, 3] (alpha composited on black); a clear error otherwise."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "P"):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
-                im = Image.alpha_composite(bg, im)
-            return np.asarray(im.convert("RGB"))
+        with warnings.catch_warnings():
+            # over Image.MAX_IMAGE_PIXELS Pillow only warns (over twice that it raises): refuse
+            # both, before decoding, rather than expand a small file into gigabytes
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width < 1 or im.height < 1:
+                    raise ValueError(f"{path} is an empty image ({im.width}x{im.height})")
+                im.load()
+                if im.mode in ("RGBA", "LA", "P"):
+                    im = im.convert("RGBA")
+                    bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
+                    im = Image.alpha_composite(bg, im)
+                return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise FileNotFoundError(f"no such image file: {path}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{path} is refused as a possible decompression bomb, not decoded "
+                         f"({e.args[0] if e.args else type(e).__name__}); resize it "
+                         f"first") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path} is not an image Pillow can read ({type(e).__name__})") from None
 

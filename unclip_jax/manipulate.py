@@ -29,11 +29,24 @@ def slerp(a, b, t):
     return u * ((1 - t) * na + t * nb)
 
 
+def _seed_after(seed: int, k: int = 1) -> int:
+    """seed + k wrapped into the signed 64-bit range jax.random.key takes (the same key as
+    seed + k wherever that is in range)."""
+    return (int(seed) + k + 2 ** 63) % 2 ** 64 - 2 ** 63
+
+
 class Manipulator:
     def __init__(self, pipe, steps: int = 25, guidance: float = 1.0):
         if getattr(pipe, "clip", None) is None:
             raise ValueError("manipulations need the CLIP image tower: use "
                              "UnCLIPPipeline.from_workdir")
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        g = float(guidance)
+        if not np.isfinite(g) or g < 1.0:
+            raise ValueError(f"guidance must be a finite number >= 1 (the classifier-free "
+                             f"guidance scale w in out_uncond + w * (out_cond - out_uncond); "
+                             f"1 = none), got {guidance!r}")
         self.pipe, self.steps, self.guidance = pipe, steps, guidance
         self.size = pipe.decoder.config.unet.sample_size
 
@@ -62,13 +75,14 @@ class Manipulator:
                                        guidance=self.guidance, rng=jax.random.key(seed),
                                        latents=x_T, method="ddim", eta=eta, clip=eta > 0)
         if upsample and self.pipe.super_res_first is not None:
-            out = self.pipe.sample_super_res(low, rng=jax.random.key(seed + 1))
+            out = self.pipe.sample_super_res(low, rng=jax.random.key(_seed_after(seed)))
         else:
             out = low * 0.5 + 0.5
         return to_uint8(out)
 
     # ---------------------------------------------------------------------------------------
     def variations(self, image_u8, n: int = 4, eta: float = 1.0, seed: int = 0, upsample=True):
+        _check_count(n, "n")
         emb = self.embed(image_u8[None])
         x_T = self.invert(image_u8[None], emb)
         return self.decode(jnp.repeat(emb, n, 0), jnp.repeat(x_T, n, 0), eta=eta, seed=seed,
@@ -99,6 +113,9 @@ class Manipulator:
                  max_theta: float = 0.5, seed: int = 0):
         if not text_to.strip():
             raise ValueError("textdiff needs a non-empty target text (--to)")
+        _check_count(steps, "steps")
+        if not np.isfinite(float(max_theta)):
+            raise ValueError(f"max_theta must be a finite number, got {max_theta!r}")
         emb = self.embed(image_u8[None])
         x_T = self.invert(image_u8[None], emb)
         t = self.pipe.encode_text([text_to, text_from])["text_embed"]
@@ -109,6 +126,54 @@ class Manipulator:
         # slerp the direction, keep the image embedding's norm
         z = slerp(emb, z_d[None] * jnp.linalg.norm(emb), thetas)
         return self.decode(z, jnp.repeat(x_T, steps, 0), seed=seed)
+
+
+def _check_count(n, name):
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"{name} must be a positive integer, got {n!r}")
+
+
+def rerank_batches(pipe, prompts, candidates: int, *, num_images_per_prompt: int = 1,
+                   batch_size: int = 8, seed: int = 0, **gen_kw):
+    """`rerank` made `batch_size` candidates at a time, `num_images_per_prompt` kept images a
+    prompt: yields (start, uint8 [b, H, W, 3]) of the kept images in generate()'s order.
+
+    Candidate c of kept image i is image i * candidates + c of
+    `pipe.generate_batches(prompts, num_images_per_prompt=num_images_per_prompt * candidates)`
+    (each drawn from its own key), so what is kept does not depend on `batch_size`; memory holds
+    one batch and the candidates of one image.
+    """
+    if getattr(pipe, "clip", None) is None:
+        raise ValueError("reranking needs the CLIP image tower: use UnCLIPPipeline.from_workdir")
+    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) \
+            or candidates < 1:
+        raise ValueError(f"--rerank needs a positive number of candidates, got {candidates}")
+    _check_count(num_images_per_prompt, "num_images_per_prompt")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    batches = pipe.generate_batches(  # checks its arguments now
+        prompts, num_images_per_prompt=num_images_per_prompt * candidates,
+        batch_size=batch_size, seed=seed, **gen_kw)
+    return _reranked(pipe, prompts, candidates, num_images_per_prompt, batches)
+
+
+def _reranked(pipe, prompts, candidates, num_images_per_prompt, batches):
+    te = np.concatenate([np.asarray(pipe.encode_text(prompts[i:i + 256])["text_embed"],
+                                    np.float64) for i in range(0, len(prompts), 256)])
+    te /= np.linalg.norm(te, axis=-1, keepdims=True)
+    best_score, best, kept, first = -np.inf, None, [], 0
+    for start, imgs in batches:
+        ie = np.asarray(pipe.clip.embed_images(imgs), np.float64)
+        ie /= np.linalg.norm(ie, axis=-1, keepdims=True)
+        for g, (im, e) in enumerate(zip(imgs, ie), start):
+            i, c = divmod(g, candidates)
+            score = float(e @ te[i // num_images_per_prompt])
+            if c == 0 or score > best_score:  # the first of equal scores, as argmax keeps
+                best_score, best = score, im
+            if c == candidates - 1:
+                kept.append(best)
+        if kept:
+            yield first, np.stack(kept)
+            first, kept = first + len(kept), []
 
 
 def rerank(pipe, prompts, candidates: int, *, seed: int = 0, **gen_kw) -> np.ndarray:

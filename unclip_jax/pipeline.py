@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from typing import Any, Sequence
 
@@ -19,6 +20,7 @@ import numpy as np
 from unclip_jax.compile_cache import enable_compilation_cache
 from unclip_jax.convert.diffusers_pipeline import load_components
 from unclip_jax.diffusion import GaussianDiffusion, Sampler, StageSampling
+from unclip_jax.diffusion.sampler import fold_in_rows, is_key_batch, random_normal
 from unclip_jax.images import to_uint8
 from unclip_jax.models import decoder as decoder_lib
 from unclip_jax.models import prior as prior_lib
@@ -39,6 +41,26 @@ class Component:
     sampling: StageSampling
 
 
+def check_text(text: str, what: str = "a prompt") -> str:
+    """`text` if it can be tokenised: a str that is valid Unicode (a command-line word with bytes
+    that are not UTF-8 arrives as a str with surrogate escapes, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        try:  # a byte smuggled in by the file system encoding's surrogateescape
+            bad = os.fsencode(text[e.start:e.end])
+        except UnicodeError:
+            bad = b""
+        where = (f"byte {bad[:4].hex(' ')}" if bad else f"{e.reason}") + f" at character {e.start}"
+        raise ValueError(f"{what} {text!r} is not valid UTF-8 text ({where})".strip()) from None
+    return text
+
+
+def _fold(rng, data):
+    """fold_in for one key, or for each key of a batch of keys (one a row)."""
+    return fold_in_rows(rng, data) if is_key_batch(rng) else jax.random.fold_in(rng, data)
+
+
 def _validate(prompts, steps: dict[str, int], guidance: dict[str, float], num_images: int):
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -46,6 +68,8 @@ def _validate(prompts, steps: dict[str, int], guidance: dict[str, float], num_im
         raise ValueError("prompts must be a string or a list of strings")
     if len(prompts) == 0:
         raise ValueError("no prompts given")
+    for p in prompts:
+        check_text(p)
     for name, n in steps.items():
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
             raise ValueError(f"{name} must be a positive integer, got {n!r}")
@@ -270,28 +294,64 @@ class UnCLIPPipeline:
                                   prior_guidance=prior_guidance,
                                   decoder_guidance=decoder_guidance,
                                   num_images_per_prompt=num_images_per_prompt)
-        images = np.asarray(out["images"])
-        bad = ~np.isfinite(images)
-        if bad.any():
-            warnings.warn(f"{bad.any(axis=(1, 2, 3)).sum()} of {len(images)} images have "
-                          "non-finite pixels (shown black): the weights overflow somewhere",
-                          RuntimeWarning, stacklevel=2)
-            images = np.where(bad, 0.0, images)
-        return to_uint8(images)
+        return _uint8_images(out["images"])
+
+    def generate_batches(self, prompts: str | Sequence[str], *, num_images_per_prompt: int = 1,
+                         batch_size: int = 8, seed: int = 0, prior_steps: int = 25,
+                         decoder_steps: int = 25, super_res_steps: int = 7,
+                         prior_guidance: float = 4.0, decoder_guidance: float | None = None):
+        """The images of `generate`'s request made `batch_size` at a time: yields (start, uint8
+        images [b, H, W, 3]) in generate()'s order (each prompt's images together), so memory
+        stays flat however many images are asked for.
+
+        Image i of that order is drawn from its own key, `fold_in(key(seed), i)` (initial latents
+        and every step's noise, per row), so the images do not depend on `batch_size`: chunked
+        output equals one big batch for the same seed (up to the float rounding of batched
+        matrix products). That is another draw than `generate`'s, which draws a batch at once.
+        Every chunk runs at one batch size (the last is padded), so each stage compiles once.
+        """
+        if decoder_guidance is None:
+            decoder_guidance = self.decoder_guidance_default
+        prompts = _validate(prompts, dict(prior_steps=prior_steps, decoder_steps=decoder_steps,
+                                          super_res_steps=super_res_steps),
+                            dict(prior_guidance=prior_guidance, decoder_guidance=decoder_guidance),
+                            num_images_per_prompt)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        total = len(prompts) * int(num_images_per_prompt)
+        b = min(int(batch_size), total)
+        base = jax.random.key(seed)
+        kw = dict(prior_steps=prior_steps, decoder_steps=decoder_steps,
+                  super_res_steps=super_res_steps, prior_guidance=prior_guidance,
+                  decoder_guidance=decoder_guidance)
+
+        def chunks():  # a generator inside: the checks above run at the call, not at next()
+            for start in range(0, total, b):
+                n = min(b, total - start)
+                index = np.arange(start, start + b).clip(max=start + n - 1)  # pad: the last
+                rows = [prompts[i // num_images_per_prompt] for i in index]
+                keys = jax.vmap(jax.random.fold_in, (None, 0))(
+                    base, jnp.asarray(index, jnp.uint32))
+                out = self.generate_float(rows, row_keys=keys, **kw)
+                yield start, _uint8_images(np.asarray(out["images"])[:n])
+        return chunks()
 
     def generate_float(self, prompts, *, seed: int = 0, prior_steps: int = 25,
                        decoder_steps: int = 25, super_res_steps: int = 7,
                        prior_guidance: float = 4.0, decoder_guidance: float | None = None,
                        num_images_per_prompt: int = 1, prior_candidates: int | None = None,
                        latents: dict | None = None, noise: dict | None = None,
-                       coefficient_dtype: str = "float64") -> dict[str, Any]:
+                       coefficient_dtype: str = "float64", row_keys=None) -> dict[str, Any]:
         """The whole pipeline in float: returns dict(images [N, H, W, 3] in [0, 1],
         image_embeds [N, E], low_res [N, h, w, 3] in [-1, 1]).
 
         `latents` / `noise` (dicts keyed 'prior', 'decoder', 'super_res') replace the initial
         latents and the per-step noise that are otherwise drawn from `seed` — used to compare
         with a reference implementation step for step. `coefficient_dtype="float32"` reproduces
-        diffusers' float32 scheduler arithmetic (see SamplingConfig).
+        diffusers' float32 scheduler arithmetic (see SamplingConfig). `row_keys`, a batch of
+        keys [N] (one an image), replaces `seed`: each image then draws its latents and noise
+        from its own key, whatever the batch around it (`generate_batches`).
         """
         if decoder_guidance is None:
             decoder_guidance = self.decoder_guidance_default
@@ -303,8 +363,15 @@ class UnCLIPPipeline:
         if k < 1:
             raise ValueError(f"prior_candidates must be >= 1, got {k}")
         latents, noise = latents or {}, noise or {}
-        rng = jax.random.key(seed)
-        keys = [jax.random.fold_in(rng, i) for i in range(3)]
+        if row_keys is None:
+            rng = jax.random.key(seed)
+        else:
+            rng = jnp.asarray(row_keys)
+            n = len(prompts) * num_images_per_prompt
+            if not is_key_batch(rng) or rng.shape != (n,):
+                raise ValueError(f"row_keys must be a batch of {n} keys (one an image), got "
+                                 f"{getattr(rng, 'dtype', type(rng))} of shape {rng.shape}")
+        keys = [_fold(rng, i) for i in range(3)]
         cond, uncond = self.text_conditioning(prompts, num_images_per_prompt)
         guided = prior_guidance > 1.0 or decoder_guidance > 1.0  # as diffusers decides
         image_embeds = self.sample_prior(
@@ -347,14 +414,22 @@ class UnCLIPPipeline:
         k = candidates
         sampler = self._sampler("prior", steps, coefficient_dtype)
         x = latents
+        step_rng = _fold(rng, 1)
+        if is_key_batch(rng) and k > 1:  # one key a row of the n * k candidates
+            step_rng = jax.vmap(lambda r: jax.vmap(lambda c: jax.random.fold_in(r, c))(
+                jnp.arange(k)))(step_rng).reshape(n * k)
         if x is None:
-            x = jax.random.normal(jax.random.fold_in(rng, 0), (n * k, pcfg.out_dim))
+            if is_key_batch(rng):
+                x = jax.vmap(lambda r: jax.random.normal(r, (k, pcfg.out_dim)))(
+                    _fold(rng, 0)).reshape(n * k, pcfg.out_dim)
+            else:
+                x = jax.random.normal(jax.random.fold_in(rng, 0), (n * k, pcfg.out_dim))
         elif k != 1:
             raise ValueError("explicit prior latents need prior_candidates=1")
         rep = lambda t: {key: jnp.repeat(v, k, axis=0) for key, v in t.items()}  # noqa: E731
         z = self._run("prior", sampler, self.prior.params, x, rep(cond),
                       None if uncond is None else rep(uncond),
-                      rng=jax.random.fold_in(rng, 1), guidance_scale=guidance, noise=noise)
+                      rng=step_rng, guidance_scale=guidance, noise=noise)
         z = denormalize_embedding(z, pcfg, self.prior.params)
         return _pick_closest(z.reshape(n, k, -1), cond["text_embed"]) if k > 1 else z
 
@@ -375,11 +450,10 @@ class UnCLIPPipeline:
         sampler = self._sampler("decoder", steps, coefficient_dtype, method, eta, clip)
         x = latents
         if x is None:
-            x = jax.random.normal(jax.random.fold_in(rng, 0),
-                                  (n, dcfg.sample_size, dcfg.sample_size, 3))
+            x = random_normal(_fold(rng, 0), (n, dcfg.sample_size, dcfg.sample_size, 3))
         dc, du = self._decoder_inputs(image_embeds, cond, uncond)
         x = self._run("decoder", sampler, self.decoder.params, x, dc, du,
-                      rng=jax.random.fold_in(rng, 1), guidance_scale=guidance, noise=noise)
+                      rng=_fold(rng, 1), guidance_scale=guidance, noise=noise)
         return jnp.clip(x, -1.0, 1.0)
 
     def predict_decoder_x0(self, x_t, t, image_embeds, cond):
@@ -410,7 +484,7 @@ class UnCLIPPipeline:
         sampler = self._sampler("super_res", steps, coefficient_dtype)
         x = latents
         if x is None:
-            x = jax.random.normal(jax.random.fold_in(rng, 0), (n, size, size, 3))
+            x = random_normal(_fold(rng, 0), (n, size, size, 3))
         params = {"first": self.super_res_first.params}
         if self.super_res_last is not None:
             params["last"] = self.super_res_last.params
@@ -424,12 +498,24 @@ class UnCLIPPipeline:
                 diffusion = GaussianDiffusion(self.super_res_first.sampling.diffusion)
                 low_res = diffusion.q_sample(
                     low_res, jnp.full((n,), level, jnp.int32),
-                    jax.random.normal(jax.random.fold_in(rng, 2), low_res.shape))
+                    random_normal(_fold(rng, 2), low_res.shape))
             cond["noise_level"] = jnp.full((n,), level, jnp.int32)
         cond["low_res"] = upsample_input(low_res, size, "bicubic")
         x = self._run("super_res", sampler, params, x, cond,
-                      rng=jax.random.fold_in(rng, 1), noise=noise)
+                      rng=_fold(rng, 1), noise=noise)
         return jnp.clip(x * 0.5 + 0.5, 0.0, 1.0)
+
+
+def _uint8_images(images) -> np.ndarray:
+    """Float images in [0, 1] -> uint8, non-finite pixels black with one warning."""
+    images = np.asarray(images)
+    bad = ~np.isfinite(images)
+    if bad.any():
+        warnings.warn(f"{bad.any(axis=(1, 2, 3)).sum()} of {len(images)} images have "
+                      "non-finite pixels (shown black): the weights overflow somewhere",
+                      RuntimeWarning, stacklevel=3)
+        images = np.where(bad, 0.0, images)
+    return to_uint8(images)
 
 
 def _pick_closest(candidates, text_embed):

@@ -29,6 +29,8 @@ RECORD_FILE = "config.json"
 RECORD_VERSION = 2
 STAGES = ("clip", "prior", "decoder", "upsampler")
 PATH_KEYS = ("tokenizer", "clip_dir")
+#: what `load_stage(which=...)` reads of a checkpoint's training state
+PARAM_TREES = ("ema_params", "params")
 
 
 class RecordError(ValueError):
@@ -185,6 +187,57 @@ class TrainedStage:
         return self.record.sampling
 
 
+def abstract_params(record: StageRecord):
+    """The shapes and dtypes (jax.ShapeDtypeStruct) of the params of the model `record`
+    describes, from its model config alone (jax.eval_shape: nothing is computed)."""
+    import flax.linen as nn
+
+    cfg = record.model_config()
+    if record.stage == "clip":
+        from unclip_jax.models.clip import init_params
+
+        return init_params("clip", cfg)
+    if record.stage == "prior":
+        from unclip_jax.models.prior import init_params
+
+        return init_params(cfg)
+    if record.stage == "decoder":
+        from unclip_jax.models.decoder import Decoder, decoder_init_inputs
+
+        model, args, kw = Decoder(cfg), decoder_init_inputs(cfg), {}
+    else:
+        from unclip_jax.models.unet import UNet, init_inputs
+
+        x, t, kw = init_inputs(cfg)
+        model, args = UNet(cfg), (x, t)
+    return jax.eval_shape(
+        lambda: nn.meta.unbox(model.init(jax.random.key(0), *args, **kw))["params"])
+
+
+def _tree_shapes(tree) -> dict[str, tuple]:
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(v))
+            for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_params_fit(params, record: StageRecord, what: str, record_path: str) -> None:
+    """Raise RecordError naming the first tensor of `params` (read from `what`) whose presence
+    or shape differs from the model the record at `record_path` describes."""
+    want, got = _tree_shapes(abstract_params(record)), _tree_shapes(params)
+    hint = (f"the checkpoint and {record_path} describe different models: retrain the stage, "
+            f"or put back the {RECORD_FILE} it was trained with")
+    for name in sorted(want):
+        if name not in got:
+            raise RecordError(f"{what} has no tensor {name}, which the {record.stage} model of "
+                              f"{record_path} has; {hint}")
+        if got[name] != want[name]:
+            raise RecordError(f"{what}: tensor {name} has shape {got[name]}, but the "
+                              f"{record.stage} model of {record_path} needs {want[name]}; {hint}")
+    extra = sorted(set(got) - set(want))
+    if extra:
+        raise RecordError(f"{what} has {len(extra)} tensors the {record.stage} model of "
+                          f"{record_path} does not, e.g. {extra[0]}; {hint}")
+
+
 def has_checkpoints(stage_dir: str) -> bool:
     ck = os.path.join(stage_dir, "checkpoints")
     return os.path.isdir(ck) and any(n.isdigit() for n in os.listdir(ck))
@@ -193,9 +246,17 @@ def has_checkpoints(stage_dir: str) -> bool:
 def load_stage(stage_dir: str, *, which: str = "ema_params",
                expect: str | None = None) -> TrainedStage:
     """The newest readable checkpoint of a trained stage; `which` is "ema_params" (what sampling
-    uses) or "params". An unreadable newest checkpoint falls back to an older one, saying so."""
+    uses) or "params". An unreadable newest checkpoint falls back to an older one, saying so.
+    Params that do not fit the model the stage record describes (another architecture's
+    config.json) are refused, naming the tensor."""
     import orbax.checkpoint as ocp
 
+    if which not in PARAM_TREES:
+        raise ValueError(f"which must be one of {', '.join(map(repr, PARAM_TREES))} (the "
+                         f"parameter trees a checkpoint holds), got {which!r}")
+    if expect is not None and expect not in STAGES:
+        raise ValueError(f"expect must be a stage name, one of {', '.join(STAGES)}; "
+                         f"got {expect!r}")
     record = read_record(stage_dir, expect)
     if "://" not in stage_dir:  # Orbax wants absolute local paths
         stage_dir = os.path.abspath(stage_dir)
@@ -226,7 +287,10 @@ def load_stage(stage_dir: str, *, which: str = "ema_params",
                       flush=True)
             state = out["state"]
             tree = state[which] if isinstance(state, dict) else getattr(state, which)
-            return TrainedStage(record, jax.tree.map(np.asarray, tree), int(step))
+            tree = jax.tree.map(np.asarray, tree)
+            check_params_fit(tree, record, f"the checkpoint at step {step} of {stage_dir}",
+                             os.path.join(stage_dir, RECORD_FILE))
+            return TrainedStage(record, tree, int(step))
         raise FileNotFoundError(f"no readable checkpoint in {stage_dir}: {last_err}")
     finally:
         mgr.close()
@@ -341,7 +405,8 @@ def stage_dir(workdir: str, stage: str) -> str:
 
 def load_stack(workdir: str, *, upsampler: bool = True) -> Stack:
     """Load WORKDIR/{clip,prior,decoder,upsampler}/ (EMA params); a missing stage is named with
-    the command that trains it."""
+    the command that trains it. Every stage's record and the tokenizer are read first, so a
+    swapped, garbled or missing one fails before any checkpoint is read or anything compiled."""
     from unclip_jax.data.tokenizer import load_tokenizer
 
     def need(stage):
@@ -352,10 +417,14 @@ def load_stack(workdir: str, *, upsampler: bool = True) -> Stack:
                 f"--config configs/{stage}.py:size=... --workdir {workdir}`")
         return d
 
-    clip = load_frozen_clip(need("clip"))
-    if not clip.tokenizer_path:
+    stages = ("clip", "prior", "decoder") + (("upsampler",) if upsampler else ())
+    records = {s: read_record(need(s), expect=s) for s in stages}
+    tok_path = records["clip"].paths.get("tokenizer")
+    if not tok_path:
         raise RecordError(f"the CLIP stage in {workdir} records no tokenizer")
+    tokenizer = load_tokenizer(tok_path)
+    clip = load_frozen_clip(need("clip"))
     prior = load_stage(need("prior"), expect="prior")
     decoder = load_stage(need("decoder"), expect="decoder")
     up = load_stage(need("upsampler"), expect="upsampler") if upsampler else None
-    return Stack(load_tokenizer(clip.tokenizer_path), clip, prior, decoder, up)
+    return Stack(tokenizer, clip, prior, decoder, up)

@@ -31,8 +31,11 @@ def scheduler_to_diffusion(cfg: dict[str, Any]) -> StageSampling:
 
 
 def _json(path: str) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NotAPipelineError(f"{path} is not valid JSON ({e})") from None
 
 
 def check_pipeline_dir(path: str) -> dict[str, Any]:

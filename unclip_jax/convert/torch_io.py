@@ -37,17 +37,41 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such checkpoint: {path}")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         try:
-            return dict(load_file(path))
-        except TypeError:  # bf16 tensors: numpy cannot hold them, go through torch
-            from safetensors.torch import load_file as load_torch
+            try:
+                return dict(load_file(path))
+            except TypeError:  # bf16 tensors: numpy cannot hold them, go through torch
+                from safetensors.torch import load_file as load_torch
 
-            return {k: v.float().numpy() for k, v in load_torch(path).items()}
+                return {k: v.float().numpy() for k, v in load_torch(path).items()}
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}; "
+                             f"{os.path.getsize(path)} bytes): truncated or not safetensors, "
+                             f"copy or download it again") from None
+    import pickle
+
     import torch  # only for .bin / .pt files
 
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message: a paragraph on weights_only, then the reason, then a link
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = lines[-2] if len(lines) >= 3 else (lines[-1] if lines else type(e).__name__)
+        if "global" not in str(e).lower():  # no object refused: not a pickle of tensors at all
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({reason}): "
+                             f"truncated or corrupt, copy or download it again") from None
+        raise ValueError(f"{path} is refused as unsafe: torch.load(weights_only=True) would not "
+                         f"load it as plain tensors ({reason}); unpickling it fully could run "
+                         f"code, which is never done here. Convert a trusted copy to "
+                         f"safetensors") from None
+    except (RuntimeError, EOFError) as e:  # not a zip archive / cut short
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint "
+                         f"({' '.join(str(e).split())[:160]}): truncated or corrupt, copy or "
+                         f"download it again") from None
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
     return {k: v.detach().float().numpy() for k, v in sd.items()}

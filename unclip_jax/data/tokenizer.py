@@ -7,6 +7,7 @@ returns numpy int32 arrays ready for ``CLIPTextModelWithProjection``.
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from typing import Any, Sequence
@@ -27,13 +28,37 @@ def load_tokenizer(path: str) -> Any:
         raise FileNotFoundError(f"no tokenizer directory at {path}")
     from transformers import AutoTokenizer, CLIPTokenizer
 
+    def unreadable(e):
+        reason = " ".join(str(e).split())[:200]
+        return ValueError(f"the tokenizer in {path} cannot be read ({type(e).__name__}: "
+                          f"{reason}): its files ({', '.join(sorted(os.listdir(path))) or 'none'})"
+                          f" are missing or garbled; save it again (save_pretrained / "
+                          f"train_tokenizer)")
+
+    for name in sorted(os.listdir(path)):  # name the file when one is not even JSON
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(path, name), encoding="utf-8") as f:
+                    json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{os.path.join(path, name)} is not valid JSON ({e}): the "
+                                 f"tokenizer in {path} is garbled; save it again") from None
+    # a tokenizer file is JSON or text; transformers raises many types for a broken one
+    errors = (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError):
+    except errors as e:
         if not (os.path.exists(os.path.join(path, "vocab.json"))
                 and os.path.exists(os.path.join(path, "merges.txt"))):
+            raise unreadable(e) from None
+        try:
+            tok = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+        except errors as e2:
+            raise unreadable(e2) from None
+    except Exception as e:  # noqa: BLE001 -- the tokenizers library (Rust) raises a bare one
+        if type(e) is not Exception and type(e).__module__.split(".")[0] != "tokenizers":
             raise
-        tok = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+        raise unreadable(e) from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok

@@ -232,6 +232,28 @@ class StepRule:
                    recompute_eps=sampling.recompute_eps)
 
 
+def is_key_batch(rng) -> bool:
+    """Is `rng` a batch of typed keys [B] (one a row) rather than one key?"""
+    return (rng is not None and jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+            and rng.ndim == 1)
+
+
+def fold_in_rows(keys, data):
+    """`jax.random.fold_in` of every key of a batch of keys [B] (the same `data`)."""
+    return jax.vmap(jax.random.fold_in, (0, None))(keys, data)
+
+
+def random_normal(rng, shape, dtype=jnp.float32):
+    """Standard normal noise of `shape` from a key; from a batch of keys [shape[0]] each row is
+    drawn from its own key, so a row's noise does not depend on the rows beside it (chunked
+    sampling equals unchunked sampling)."""
+    if not is_key_batch(rng):
+        return jax.random.normal(rng, shape, dtype)
+    if rng.shape != tuple(shape[:1]):
+        raise ValueError(f"{rng.shape[0]} keys for {shape[0]} rows: one key a row")
+    return jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), dtype))(rng)
+
+
 def _concat(a, b):
     return jax.tree.map(lambda u, v: jnp.concatenate([u, v], axis=0), a, b)
 
@@ -261,7 +283,8 @@ def sample_loop(model_fn: ModelFn, params, x, cond, uncond, guidance_scale, rng,
 
     Pure: everything varying is an argument. Static: model_fn, rule, on_step, latent_sharding.
     `noise`, if given, is [steps, *x.shape] (the per-step noise of a reference run); otherwise
-    step i draws from `jax.random.fold_in(rng, i)`.
+    step i draws from `jax.random.fold_in(rng, i)`; `rng` may also be a batch of keys [B], one a
+    row of x, each row then drawing its own noise (`random_normal`), whatever the batch.
     """
     n = plan.t.shape[0]
 
@@ -282,7 +305,8 @@ def sample_loop(model_fn: ModelFn, params, x, cond, uncond, guidance_scale, rng,
             eps = (x - sa * x0) / s1a
         x_next = p.c_x0 * x0 + p.c_x * x + p.c_eps * eps
         if eps_noise is None:
-            eps_noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
+            eps_noise = random_normal(fold_in_rows(rng, i) if is_key_batch(rng)
+                                      else jax.random.fold_in(rng, i), x.shape, x.dtype)
         if rule.learned_std:
             frac = (var_out + 1.0) / 2.0
             std = jnp.exp(0.5 * (frac * p.max_log + (1.0 - frac) * p.min_log)) * p.noise_mask
@@ -359,6 +383,9 @@ class Sampler:
                              f"got {tuple(noise.shape)}")
         if rng is None:
             rng = jax.random.key(0)
+        if is_key_batch(rng) and rng.shape != tuple(x.shape[:1]):
+            raise ValueError(f"a batch of keys must hold one key a row: {rng.shape[0]} keys for "
+                             f"{x.shape[0]} rows")
         on_step = self._tick if self.progress else None
         if self.progress:
             from tqdm.auto import tqdm

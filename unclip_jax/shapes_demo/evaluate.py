@@ -70,10 +70,14 @@ class Evaluator:
         """Zero-shot top-1 over a set of (image, canonical caption) pairs. A hit is a retrieved
         item whose caption equals the query's (the world has duplicate scenes)."""
         ie, te = _norm(self.image_embeds(images)), _norm(self.text_embeds(list(captions)))
-        sim = te @ ie.T
         caps = np.asarray(captions)
-        t2i = np.mean(caps[np.argmax(sim, axis=1)] == caps)
-        i2t = np.mean(caps[np.argmax(sim, axis=0)] == caps)
+        block = 1024  # the [N, N] similarities a block of rows at a time: memory O(N)
+        t2i_idx = np.concatenate([np.argmax(te[i:i + block] @ ie.T, axis=1)
+                                  for i in range(0, len(te), block)])
+        i2t_idx = np.concatenate([np.argmax(ie[i:i + block] @ te.T, axis=1)
+                                  for i in range(0, len(ie), block)])
+        t2i = np.mean(caps[t2i_idx] == caps)
+        i2t = np.mean(caps[i2t_idx] == caps)
         return {"clip_top1_text_to_image": float(t2i), "clip_top1_image_to_text": float(i2t)}
 
     def prior_similarity(self, images, captions, *, seed=0, steps=25, guidance=4.0,
@@ -140,14 +144,19 @@ class Evaluator:
         size = self.pipe.decoder.config.unet.sample_size
         x0 = to_model_range(jnp.asarray(images), size)
         z = jnp.asarray(self.image_embeds(images))
-        cond, _ = self.pipe.text_conditioning(list(prompts))
         diff = GaussianDiffusion(self.pipe.decoder.sampling.diffusion)
+        prompts, b = list(prompts), self.batch
         out = {}
         for t in ts:
-            tt = jnp.full((x0.shape[0],), int(t), jnp.int32)
             noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), int(t)), x0.shape)
-            pred = self.pipe.predict_decoder_x0(diff.q_sample(x0, tt, noise), tt, z, cond)
-            out[str(int(t))] = faithfulness(to_uint8(np.asarray(pred) * 0.5 + 0.5), scenes)
+            preds = []
+            for i in range(0, x0.shape[0], b):  # the network on `batch` images at a time
+                cond, _ = self.pipe.text_conditioning(prompts[i:i + b])
+                tt = jnp.full((min(b, x0.shape[0] - i),), int(t), jnp.int32)
+                xt = diff.q_sample(x0[i:i + b], tt, noise[i:i + b])
+                preds.append(np.asarray(self.pipe.predict_decoder_x0(xt, tt, z[i:i + b], cond)))
+            pred = np.concatenate(preds)
+            out[str(int(t))] = faithfulness(to_uint8(pred * 0.5 + 0.5), scenes)
         return out
 
     def clip_score(self, images, prompts) -> float:
@@ -187,9 +196,15 @@ def eval_sets(n_single: int, n_two: int, n_heldout: int, seed: int = 0):
 
 
 def evaluate(pipe, *, n_single=64, n_two=32, n_heldout=32, seed=0, steps=(25, 25, 7),
-             guidance=(4.0, None)) -> dict[str, Any]:
-    """All the measurements, as a nested dict (also the generated images under '_images')."""
-    ev = Evaluator(pipe)
+             guidance=(4.0, None), batch: int = 64) -> dict[str, Any]:
+    """All the measurements, as a nested dict (also the generated images under '_images').
+    Sampling runs `batch` prompts at a time (each chunk from its own key: the numbers are
+    those of this batch size); every set holds its images in memory."""
+    for name, n in (("n_single", n_single), ("n_two", n_two), ("n_heldout", n_heldout),
+                    ("batch", batch)):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"{name} must be a positive integer, got {n!r}")
+    ev = Evaluator(pipe, batch=batch)
     sets = eval_sets(n_single, n_two, n_heldout, seed)
     allimg = np.concatenate([s["images"] for s in sets.values()])
     allcap = sum((s["prompts"] for s in sets.values()), [])

@@ -61,6 +61,7 @@ class CLIPStage(Stage):
                 print(f"[clip] trained a BPE tokenizer on {len(caps)} shapes captions into "
                       f"{path}", flush=True)
             config.tokenizer = path
+        self.tokenizer  # noqa: B018 -- read it now: a missing or garbled one fails before compiling
 
     @property
     def tokenizer(self):

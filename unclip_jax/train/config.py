@@ -73,15 +73,25 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Load `path.py[:arg]` and apply `a.b=value` overrides."""
     path, _, arg = spec.partition(":")
+    want = "a Python config file with get_config(arg), e.g. configs/prior.py:size=tiny"
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no config file {path}")
+        raise FileNotFoundError(f"no config file {path}: give {want}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"the config {path} is a directory: give {want}")
+    if not path.endswith(".py"):
+        raise ValueError(f"the config {path} is not a .py file: give {want} (a JSON or YAML "
+                         f"config is not read; override keys with --config.KEY=VALUE)")
     mod_spec = importlib.util.spec_from_file_location(
         f"unclip_config_{abs(hash(os.path.abspath(path)))}", path)
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
+    if not callable(getattr(module, "get_config", None)):
         raise ValueError(f"{path} has no get_config(arg)")
     config = module.get_config(arg or None)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"get_config in {path} returned a {type(config).__name__}, not an "
+                         f"ml_collections.ConfigDict: return ml_collections.ConfigDict(...) "
+                         f"(e.g. built on unclip_jax.train.config.base_config(stage))")
     config.lock()
     for ov in overrides:
         key, eq, value = ov.partition("=")

@@ -60,11 +60,38 @@ class TrainResult:
     preempted: bool = False
 
 
+#: config.seed: it seeds jax.random.key (a signed 64-bit integer) and numpy's SeedSequence
+#: (non-negative)
+SEED_MAX = 2 ** 63 - 1
+
+
+def _init_seed(seed: int) -> int:
+    """The key of the initial params, seed + 1, wrapped into jax.random.key's signed 64-bit
+    range (the same key as seed + 1 wherever that is in range)."""
+    return (int(seed) + 1 + 2 ** 63) % 2 ** 64 - 2 ** 63
+
+
+def check_config(config) -> None:
+    """The checks of a training config that need no devices (the CLI runs them before it builds
+    the stage, which may already write into the workdir)."""
+    seed = config.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
+            or not 0 <= int(seed) <= SEED_MAX:
+        raise ValueError(f"config.seed must be an integer from 0 to 2**63 - 1 (it seeds "
+                         f"jax.random.key and numpy's SeedSequence), got {seed!r}")
+    if int(config.batch_size) <= 0:
+        raise ValueError(f"batch_size must be positive, got {config.batch_size}")
+    if int(config.total_steps) <= 0:
+        raise ValueError(f"total_steps must be positive, got {config.total_steps}")
+    for key in ("keep", "every"):  # keep=0 would save nothing; every=0 divides by zero
+        if int(config.checkpoint[key]) < 1:
+            raise ValueError(f"checkpoint.{key} must be at least 1, got {config.checkpoint[key]}")
+
+
 def _validate(config, mesh):
+    check_config(config)
     gb = int(config.batch_size)
     dp = data_parallel_size(mesh)
-    if gb <= 0:
-        raise ValueError(f"batch_size must be positive, got {gb}")
     if gb % jax.process_count():
         raise ValueError(f"batch_size {gb} does not divide over {jax.process_count()} processes")
     accum = int(config.get("grad_accum", 1))
@@ -73,11 +100,6 @@ def _validate(config, mesh):
     if (gb // accum) % dp:
         raise ValueError(f"the micro-batch {gb // accum} (batch_size / grad_accum) does not divide "
                          f"over the mesh's {dp} data-parallel devices (data x fsdp)")
-    if int(config.total_steps) <= 0:
-        raise ValueError(f"total_steps must be positive, got {config.total_steps}")
-    for key in ("keep", "every"):  # keep=0 would save nothing; every=0 divides by zero
-        if int(config.checkpoint[key]) < 1:
-            raise ValueError(f"checkpoint.{key} must be at least 1, got {config.checkpoint[key]}")
 
 
 def _bytes(n: float) -> str:
@@ -244,7 +266,7 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
 
     # ---- abstract init and shardings
     dummy = stage.dummy_batch(max(1, data_parallel_size(mesh)))
-    init_rng = jax.random.key(int(config.seed) + 1)
+    init_rng = jax.random.key(_init_seed(config.seed))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(lambda r: stage.init_variables(r, dummy), init_rng)
     params_sh = logical_shardings(boxed["params"], mesh, rules)
