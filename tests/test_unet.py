@@ -1,4 +1,5 @@
 """ADM UNet / unCLIP decoder / upsampler: parity with diffusers (float32 CPU), import errors."""
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -399,3 +400,23 @@ def test_patch_size_folds_pixels_into_channels_and_back():
     with pytest.raises(ValueError, match="not divisible by 4"):
         unet_lib.UNet(cfg).apply(variables, jnp.zeros((1, 10, 10, 3)), t[:1], **{
             k: v[:1] for k, v in kw.items()})
+
+
+def test_output_skip_adds_the_last_input_channels_to_the_output():
+    """output_skip k: out[..., :k] = network + x[..., -k:]; with conv_out zeroed the UNet returns
+    exactly the skipped input (an upsampler's bicubic image) and zeros elsewhere."""
+    cfg = unet_lib.UNetConfig(in_channels=6, out_channels=3, block_out_channels=(16, 32),
+                              layers_per_block=1, norm_groups=8, attention_levels=(False, False),
+                              mid_block="resnets", output_skip=3)
+    x, t, kw = unet_lib.init_inputs(cfg, batch=2, size=8)
+    x = jax.random.normal(jax.random.key(1), x.shape)
+    params = nn.unbox(unet_lib.UNet(cfg).init(jax.random.key(0), x, t, **kw))["params"]
+    full = unet_lib.UNet(cfg).apply({"params": params}, x, t, **kw)
+    plain = unet_lib.UNet(dataclasses.replace(cfg, output_skip=0)).apply(
+        {"params": params}, x, t, **kw)
+    np.testing.assert_allclose(np.asarray(full), np.asarray(plain + x[..., 3:]), atol=1e-6)
+    params = dict(params, conv_out=jax.tree.map(jnp.zeros_like, params["conv_out"]))
+    np.testing.assert_array_equal(
+        np.asarray(unet_lib.UNet(cfg).apply({"params": params}, x, t, **kw)), np.asarray(x[..., 3:]))
+    with pytest.raises(ValueError, match="output_skip"):
+        unet_lib.UNetConfig(in_channels=6, out_channels=3, output_skip=4)

@@ -89,6 +89,10 @@ class UNetConfig:
       folded space-to-depth into [B, H/p, W/p, C p^2] before conv_in and conv_out's
       out_channels p^2 channels are unfolded depth-to-space, so every level runs at 1/p of the
       resolution (what "simple diffusion" and DiT's patching do for pixels). 1 = ADM.
+    output_skip: k > 0 adds the last k input channels to the first k output channels: an
+      upsampler that sees [x_t, bicubic(low_res)] and predicts x0 then predicts the correction to
+      the bicubic image (zero at init: clean flat regions from the first step; ResShift / SR3's
+      residual idea, on the network's output only). 0 = ADM.
     remat: rematerialise res blocks in the backward pass (saves activation memory);
       remat_policy: what is kept (see layers.remat_policy: "full", "dots", ...).
     """
@@ -121,6 +125,7 @@ class UNetConfig:
     noise_level_cond: bool = False
     coord_input: bool = False
     patch_size: int = 1
+    output_skip: int = 0
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     remat: bool = False
@@ -147,6 +152,9 @@ class UNetConfig:
         _tuple(self.attention_head_dim, n, "attention_head_dim")
         if self.up_attention_head_dim is not None:
             _tuple(self.up_attention_head_dim, n, "up_attention_head_dim")
+        if not 0 <= int(self.output_skip) <= min(self.in_channels, self.out_channels):
+            raise ValueError(f"output_skip must be in [0, min(in_channels, out_channels)], got "
+                             f"{self.output_skip}")
         if int(self.patch_size) < 1:
             raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
         if self.mid_block not in MID_BLOCKS:
@@ -517,6 +525,7 @@ class UNet(nn.Module):
             raise ValueError("context given but the UNet config has context_dim=None")
 
         # down
+        x_in = x
         x = x.astype(dtype)
         if cfg.coord_input:
             x = jnp.concatenate([x, coordinate_channels(b, hgt, wid, dtype)], axis=-1)
@@ -545,7 +554,12 @@ class UNet(nn.Module):
         out = _conv(cfg.out_channels * p * p, 3, "conv_out", cfg)(h)
         if p > 1:
             out = depth_to_space(out, p)
-        return layers.constrain(out, FMAP).astype(jnp.float32)
+        out = layers.constrain(out, FMAP).astype(jnp.float32)
+        k = int(cfg.output_skip)
+        if k:
+            out = jnp.concatenate([out[..., :k] + x_in[..., -k:].astype(jnp.float32),
+                                   out[..., k:]], axis=-1)
+        return out
 
 
 def init_inputs(config: UNetConfig, batch: int = 1, size: int | None = None, context_len: int = 1):

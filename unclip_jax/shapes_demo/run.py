@@ -76,7 +76,7 @@ def train_stack(workdir: str, size: str = "demo", extra=(), progress: bool = Tru
 
 
 def run_demo(workdir: str = "workdir/demo", seed: int = 0, size: str = "demo",
-             extra=(), eval_sizes=(32, 16, 16), progress: bool = True) -> dict:
+             extra=(), eval_sizes=(64, 32, 32), progress: bool = True) -> dict:
     from unclip_jax.data import shapes
     from unclip_jax.shapes_demo.evaluate import evaluate, write_json
     from unclip_jax.pipeline import UnCLIPPipeline
