@@ -116,10 +116,27 @@ def _check_batch_fits(stage, config, mesh):
             f"devices")
 
 
-def make_train_step(stage, tx, schedule, config, mesh, rules):
-    """The pure update: grads (with accumulation over micro-batches), optax, EMA, metrics."""
-    accum = int(config.get("grad_accum", 1))
+def make_update(tx, schedule, config):
+    """The step's second half: `update(state, grads) -> (state, metrics)` — optax, EMA and the
+    metric norms (grad_norm, param_norm, lr)."""
     ema_decay = float(config.ema.decay)
+
+    def update(state: TrainState, grads):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = ema_update(state.ema_params, params, state.step, ema_decay)
+        metrics = dict(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+                       lr=schedule(state.step))
+        return TrainState(state.step + 1, params, opt_state, ema), metrics
+
+    return update
+
+
+def make_train_step(stage, tx, schedule, config, mesh, rules):
+    """The pure update: grads (with accumulation over micro-batches), then `make_update`'s
+    optax, EMA and metrics."""
+    accum = int(config.get("grad_accum", 1))
+    update = make_update(tx, schedule, config)
     base_rng = jax.random.key(int(config.seed))
     bsh = batch_sharding(mesh)
 
@@ -157,12 +174,8 @@ def make_train_step(stage, tx, schedule, config, mesh, rules):
                 grads = jax.tree.map(lambda g: g / accum, grads)
                 loss = loss / accum
                 aux = jax.tree.map(lambda a: a / accum, aux)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = ema_update(state.ema_params, params, state.step, ema_decay)
-        metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
-                       param_norm=optax.tree.norm(params), lr=schedule(state.step))
-        return TrainState(state.step + 1, params, opt_state, ema), metrics
+        state, metrics = update(state, grads)
+        return state, dict(aux, loss=loss, **metrics)
 
     return step_fn
 
@@ -213,7 +226,7 @@ def _model_flops_per_device(stage, config, params_abs, batch_abs, frozen) -> flo
 
 
 def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
-          progress: bool = True, devices=None) -> TrainResult:
+          progress: bool = True, devices=None, on_log=None) -> TrainResult:
     """Train `stage` (built from `config`) into WORKDIR/<stage>/, resuming from its newest
     checkpoint.
 
@@ -221,6 +234,12 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
     `devices` restricts the mesh to these devices (default: all). Throughput figures (steps/s,
     TFLOP/s, MFU) count training steps only: the clock pauses around checkpoint saves and
     preview sampling.
+
+    `on_log(step, metrics, probe)`, when given, is called after each logged window with the
+    clock paused (for benches: `bench/bench_stage_steps.py` times the bare step between the
+    trainer's windows); `probe` holds the compiled step (`step_fn(state, batch, frozen)`, which
+    donates its state: run it on a copy), `state`, the last `batch`, `frozen` and `step_flops`.
+    It must not change them.
     """
     if config.get("stage") and config.stage != stage.name:
         raise ValueError(f"the config is for the {config.stage!r} stage but the trainer was "
@@ -355,6 +374,11 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
                 history.append(dict(m, step=step))
                 if bar is not None:
                     bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+                if on_log is not None:  # not training time: pause the clock
+                    paused = time.time()
+                    on_log(step, m, dict(step_fn=compiled, state=state, batch=batch,
+                                         frozen=frozen, step_flops=step_flops))
+                    t_last += time.time() - paused
                 if not all(math.isfinite(v) for v in (m["loss"], m["grad_norm"])):
                     raise FloatingPointError(
                         f"[{stage.name}] non-finite loss or gradient at step {step}: {m}; "
