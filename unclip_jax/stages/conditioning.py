@@ -28,8 +28,6 @@ def tokenize_captions(tokenizer, captions: Sequence[str], context_length: int):
     """Captions -> (input_ids int32 [B, L], mask bool [B, L]); silent truncation (training).
     Rows are cached per tokenizer and caption (each row depends on its caption alone: right
     padding to L, truncation at L)."""
-    import warnings
-
     from unclip_jax.data.tokenizer import tokenize
 
     captions = [str(c) for c in captions]
@@ -39,16 +37,12 @@ def tokenize_captions(tokenizer, captions: Sequence[str], context_length: int):
     except TypeError:  # not weakly referenceable: no cache
         cache = None
     if cache is None or not captions:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ids, mask = tokenize(tokenizer, captions, L)
+        ids, mask = tokenize(tokenizer, captions, L, warn=False)
         return ids, mask.astype(bool)
     missing = list(dict.fromkeys(c for c in captions if (L, c) not in cache))
     fresh = {}
     if missing:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ids, mask = tokenize(tokenizer, missing, L)
+        ids, mask = tokenize(tokenizer, missing, L, warn=False)
         for c, i, m in zip(missing, ids, mask.astype(bool)):
             fresh[(L, c)] = (i.copy(), m.copy())
             if len(cache) < TOKEN_CACHE_MAX:
