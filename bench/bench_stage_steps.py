@@ -384,7 +384,8 @@ def _n_params_torch(modules) -> int:
 
 class Probe:
     def __init__(self, stage, config, *, k: int, windows: int, top_ops: int, torch_on: bool,
-                 channels_last: bool):
+                 channels_last: bool, before: bool = False):
+        self.before = before
         self.stage, self.config, self.k, self.windows = stage, config, k, windows
         self.top_ops, self.torch_on, self.channels_last = top_ops, torch_on, channels_last
         self.calls = 0
@@ -392,37 +393,62 @@ class Probe:
         self.loop_ms: list[float] = []
         self.info: dict = {}
 
+    def _setup_before(self, probe, mesh):
+        """The pre-fix step, update and host batches, to time interleaved with the current ones:
+        the per-parameter state layout (the trainer with pack_state=False) and tokenization
+        without the token cache."""
+        import jax
+        import jax.numpy as jnp
+
+        from unclip_jax.train.optim import make_optimizer
+        from unclip_jax.train.sharding import get_rules
+        from unclip_jax.train.trainer import make_train_step, make_update
+
+        stage, cfg, packing = self.stage, self.config, probe.get("packing")
+        if packing is None:
+            return
+        rules = get_rules(cfg.sharding if isinstance(cfg.sharding, str) else list(cfg.sharding))
+        tx, schedule = make_optimizer(cfg.optimizer, int(cfg.total_steps),
+                                      stage.trainable(probe["params"]))
+        with jax.set_mesh(mesh):
+            self.b_state = jax.jit(packing.unpack_state)(self.state)
+            self.b_step = jax.jit(make_train_step(stage, tx, schedule, cfg, mesh, rules),
+                                  donate_argnums=(0,)).lower(
+                self.b_state, self.batch, self.frozen).compile()
+            self.b_upd_state = jax.tree.map(jnp.copy, self.b_state)
+            self.b_grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), self.b_state.params)
+            self.b_update = jax.jit(make_update(tx, schedule, cfg), donate_argnums=(0,)).lower(
+                self.b_upd_state, self.b_grads).compile()
+
     # -- set up on the first call -------------------------------------------------------------
     def _setup(self, probe):
         import jax
         import jax.numpy as jnp
         import numpy as np
         from unclip_jax.train import flops as flops_lib
-        from unclip_jax.train.optim import make_optimizer
         from unclip_jax.train.sharding import make_mesh
-        from unclip_jax.train.trainer import make_update
 
         stage, cfg = self.stage, self.config
         self.step_fn, self.batch, self.frozen = probe["step_fn"], probe["batch"], probe["frozen"]
         self.state = jax.tree.map(jnp.copy, probe["state"])
-        params = self.state.params
+        params = probe["params"]  # the per-parameter tree (the state may be packed)
+        packing = probe.get("packing")
         self.info["step_flops"] = probe["step_flops"]
         self.info["params"] = _n_params(params)
         self.info["leaves"] = len(jax.tree.leaves(params))
-        self.info["opt_leaves"] = len(jax.tree.leaves(self.state.opt_state))
+        self.info["packed"] = packing is not None
+        self.info["state_buffers"] = len(jax.tree.leaves(self.state))
 
-        # the step's second half alone (trainer.make_update, as make_train_step runs it):
-        # optimizer, EMA and the metric norms on fixed gradients (grad = step - update)
+        # the step's second half alone (trainer.make_update, as the step runs it): optimizer,
+        # EMA and the metric norms on fixed gradients (grad = step - update)
         mesh = make_mesh(dict(cfg.mesh))
-        tx, schedule = make_optimizer(cfg.optimizer, int(cfg.total_steps),
-                                      stage.trainable(params))
-        update = make_update(tx, schedule, cfg)
-
         with jax.set_mesh(mesh):
-            self.grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), params)
+            self.grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), self.state.params)
             self.upd_state = jax.tree.map(jnp.copy, self.state)
-            self.update_c = jax.jit(update, donate_argnums=(0,)).lower(
+            self.update_c = jax.jit(probe["update"], donate_argnums=(0,)).lower(
                 self.upd_state, self.grads).compile()
+        if self.before:
+            self._setup_before(probe, mesh)
 
         # the loop's host work alone: the stage's next batch and its device arrays, as the
         # trainer makes them (from a step far from the trainer's own)
@@ -507,6 +533,47 @@ class Probe:
             jax.block_until_ready(arrays)
 
         out = [("step", step), ("update", update), ("host", host)]
+        if self.before and getattr(self, "b_step", None) is not None:
+            def step_before(n=k):
+                s = self.b_state
+                for _ in range(n):
+                    s, _m = self.b_step(s, self.batch, self.frozen)
+                jax.block_until_ready(s)
+                self.b_state = s
+
+            def update_before(n=k):
+                s = self.b_upd_state
+                for _ in range(n):
+                    s, _m = self.b_update(s, self.b_grads)
+                jax.block_until_ready(s)
+                self.b_upd_state = s
+
+            out += [("step_before", step_before), ("update_before", update_before)]
+        if self.before:
+            def host_before(n=k):
+                import warnings
+
+                from unclip_jax.data.tokenizer import tokenize
+                from unclip_jax.stages import clip as clip_mod, conditioning, decoder
+
+                def old_tokenize_captions(tokenizer, captions, context_length):
+                    # tokenize_captions before the token cache: two tokenizer passes, no cache
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        ids, mask = tokenize(tokenizer, list(captions), context_length)
+                    return ids, mask.astype(bool)
+
+                mods = (clip_mod, conditioning, decoder)
+                saved = [m.tokenize_captions for m in mods]
+                for m in mods:
+                    m.tokenize_captions = old_tokenize_captions
+                try:
+                    host(n)
+                finally:
+                    for m, f in zip(mods, saved):
+                        m.tokenize_captions = f
+
+            out.append(("host_before", host_before))
         if self.torch_on and getattr(self, "torch_step", None) is not None:
             def torch_(n=k):
                 for _ in range(n):
@@ -560,7 +627,8 @@ class Probe:
             update_ms=med.get("update"), torch_ms=med.get("torch"),
             achieved=flops / med["step"] / 1e6 if med.get("step") else float("nan"),
             roofline=best, peak=ops[-1] if ops else None, ops=ops, windows=len(self.loop_ms) - 1,
-            k=self.k, raw=self.times, raw_loop=self.loop_ms, **{
+            k=self.k, raw=self.times, raw_loop=self.loop_ms,
+            before={k: med.get(f"{k}_before") for k in ("step", "update", "host")}, **{
                 k: v for k, v in self.info.items() if k != "load"},
             load=self.info.get("load", []))
 
@@ -649,6 +717,19 @@ def detail(results) -> str:
     return "\n".join(out)
 
 
+def before_after(results) -> str:
+    out = ["| stage | step ms, per-parameter state (before) | step ms, packed (after) | update "
+           "ms before | update ms after | state buffers after | host batches ms, uncached "
+           "tokens (before) | host batches ms (after) |", "|---|---|---|---|---|---|---|---|"]
+    f = lambda v, d=1: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
+    for r in results:
+        b = r.get("before") or {}
+        out.append(f"| {r['stage']} | {f(b.get('step'))} | {f(r['step_ms'])} | "
+                   f"{f(b.get('update'), 2)} | {f(r['update_ms'], 2)} | {r['state_buffers']} | "
+                   f"{f(b.get('host'), 2)} | {f(r['batches_ms'], 2)} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stages", default=",".join(STAGES))
@@ -659,6 +740,9 @@ def main(argv=None):
     ap.add_argument("--num-examples", type=int, default=512, help="shapes examples rendered")
     ap.add_argument("--workdir", default="", help="a workdir holding clip/ (else trained here)")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--before", action="store_true",
+                    help="also time the pre-fix step / update (per-parameter state) and host "
+                         "batches (no token cache), interleaved (one more compile per stage)")
     ap.add_argument("--channels-last", action="store_true", help="torch UNets channels_last")
     ap.add_argument("--omp-wait-policy", default="PASSIVE",
                     help="OMP_WAIT_POLICY for torch's OpenMP threads unless set ('' = leave "
@@ -703,7 +787,8 @@ def main(argv=None):
             work = scratch if name == "clip" and not args.workdir else os.path.join(scratch, "w")
             stage = build_stage(cfg, work)
             probe = Probe(stage, cfg, k=k, windows=args.windows, top_ops=args.top_ops,
-                          torch_on=not args.no_torch, channels_last=args.channels_last)
+                          torch_on=not args.no_torch, channels_last=args.channels_last,
+                          before=args.before)
             train(stage, cfg, work, progress=False, on_log=probe.on_log)
             r = probe.result()
             r["config"] = describe(cfg)
@@ -724,6 +809,9 @@ def main(argv=None):
     print(table(results))
     print()
     print(detail(results))
+    if args.before:
+        print()
+        print(before_after(results))
     if args.out:
         with open(args.out, "a") as f:
             for r in results:
