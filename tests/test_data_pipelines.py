@@ -377,3 +377,22 @@ def test_tfds_source_matches_folder_source(folder, tmp_path):
     assert pass_of(auto[0]) == pass_of(ref)
     with pytest.raises(ValueError, match="carries no images.*prior"):
         take({**base, "source": "clip_embeddings"}, 1)
+
+
+def test_tokenize_captions_cache_matches_uncached(shapes_tokenizer):
+    """The per-caption token cache of the training batches returns exactly what tokenizing the
+    batch afresh does: repeats, order, truncation at the context length, other lengths."""
+    from unclip_jax.data.tokenizer import load_tokenizer, tokenize
+    from unclip_jax.stages import conditioning as C
+
+    tok = load_tokenizer(shapes_tokenizer)
+    caps = ["a red circle", "", "a blue square on the left " * 6, "a red circle", "two shapes"]
+    for L in (24, 8):
+        for _ in range(2):  # cold, then every row from the cache
+            ids, mask = C.tokenize_captions(tok, caps, L)
+            with pytest.warns(UserWarning):
+                ref_ids, ref_mask = tokenize(tok, caps, L)
+            assert ids.dtype == np.int32 and mask.dtype == bool and ids.shape == (5, L)
+            np.testing.assert_array_equal(ids, ref_ids)
+            np.testing.assert_array_equal(mask, ref_mask.astype(bool))
+    assert (24, "a red circle") in C._TOKEN_CACHE[tok]

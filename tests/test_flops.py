@@ -76,3 +76,28 @@ def test_trainer_counts_model_flops_per_device_with_accumulation():
     got = _model_flops_per_device(Linear(), cfg, params, batch, None)
     # 3 x forward of the whole global batch (4 micro-batches of 8), split over the devices
     assert got == 3 * (2 * 32 * 8 * 16) / jax.device_count()
+
+
+def test_jaxpr_ops_groups_shapes_ranks_them_and_reruns_them():
+    """The dominant-op listing behind bench/bench_stage_steps.py's roofline: one group per shape,
+    executions counted through a scan, costliest first, totals summing to jaxpr_flops, and each
+    group's equation re-runnable alone."""
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 8))
+    img, k = jnp.ones((2, 10, 12, 3)), jnp.ones((3, 3, 3, 5))
+
+    def fn(x, w, img, k):
+        y, _ = jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)
+        z = (y @ w).sum()  # the same shape again, outside the loop
+        c = jax.lax.conv_general_dilated(img, k, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return z + c.sum()
+
+    ops = flops.jaxpr_ops(fn, x, w, img, k)
+    conv_f, mm_f = 2 * (2 * 10 * 12 * 5) * 3 * 9, 2 * 4 * 8 * 8
+    assert [(o["primitive"], o["count"], o["flops"]) for o in ops] == [
+        ("conv_general_dilated", 1, conv_f), ("dot_general", 6, mm_f)]
+    assert sum(o["total_flops"] for o in ops) == flops.jaxpr_flops(fn, x, w, img, k)
+    assert ops[1]["lhs"].shape == (4, 8) and ops[1]["rhs"].shape == (8, 8)
+    conv = ops[0]
+    out = conv["bind"].bind(img, k, **conv["params"])
+    assert out.shape == (2, 10, 12, 5) and float(out[0, 5, 5, 0]) == 27.0

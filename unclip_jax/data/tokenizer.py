@@ -65,19 +65,20 @@ def load_tokenizer(path: str) -> Any:
 
 
 def tokenize(tokenizer: Any, prompts: str | Sequence[str],
-             context_length: int) -> tuple[np.ndarray, np.ndarray]:
+             context_length: int, *, warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Prompts -> ``(input_ids [B, L], attention_mask [B, L])``, int32, ``L = context_length``.
 
     Sequences are padded on the right to ``context_length`` and longer ones are truncated (the
     special tokens, e.g. CLIP's end-of-text token, are kept). If any prompt was truncated, one
-    ``UserWarning`` is emitted for the whole call, naming how many prompts were cut.
+    ``UserWarning`` is emitted for the whole call, naming how many prompts were cut
+    (``warn=False``: silently, and without the extra tokenizer pass that counts them).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
     if not prompts:
         return (np.zeros((0, context_length), np.int32), np.zeros((0, context_length), np.int32))
-    full = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
+    full = tokenizer(prompts, padding=False, truncation=False)["input_ids"] if warn else []
     too_long = [i for i, ids in enumerate(full) if len(ids) > context_length]
     if too_long:
         longest = max(len(full[i]) for i in too_long)

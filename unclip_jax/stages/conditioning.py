@@ -7,6 +7,7 @@ transformers CLIPModel directory — through `unclip_jax.workdir.load_frozen_cli
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Sequence
 
 import jax
@@ -16,16 +17,39 @@ import numpy as np
 from unclip_jax.workdir import load_frozen_clip
 
 
-def tokenize_captions(tokenizer, captions: Sequence[str], context_length: int):
-    """Captions -> (input_ids int32 [B, L], mask bool [B, L]); silent truncation (training)."""
-    import warnings
+#: per tokenizer: (context length, caption) -> (ids [L] int32, mask [L] bool); a training run
+#: sees the same captions again and again (the shapes world has a few thousand), and
+#: tokenizing a batch was most of a step's host work (docs/PERFORMANCE.md)
+_TOKEN_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+TOKEN_CACHE_MAX = 200_000  # captions kept per tokenizer; later new ones are tokenized uncached
 
+
+def tokenize_captions(tokenizer, captions: Sequence[str], context_length: int):
+    """Captions -> (input_ids int32 [B, L], mask bool [B, L]); silent truncation (training).
+    Rows are cached per tokenizer and caption (each row depends on its caption alone: right
+    padding to L, truncation at L)."""
     from unclip_jax.data.tokenizer import tokenize
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ids, mask = tokenize(tokenizer, list(captions), context_length)
-    return ids, mask.astype(bool)
+    captions = [str(c) for c in captions]
+    L = int(context_length)
+    try:
+        cache = _TOKEN_CACHE.setdefault(tokenizer, {})
+    except TypeError:  # not weakly referenceable: no cache
+        cache = None
+    if cache is None or not captions:
+        ids, mask = tokenize(tokenizer, captions, L, warn=False)
+        return ids, mask.astype(bool)
+    missing = list(dict.fromkeys(c for c in captions if (L, c) not in cache))
+    fresh = {}
+    if missing:
+        ids, mask = tokenize(tokenizer, missing, L, warn=False)
+        for c, i, m in zip(missing, ids, mask.astype(bool)):
+            fresh[(L, c)] = (i.copy(), m.copy())
+            if len(cache) < TOKEN_CACHE_MAX:
+                cache[(L, c)] = fresh[(L, c)]
+    rows = [cache.get((L, c)) or fresh[(L, c)] for c in captions]
+    return (np.stack([r[0] for r in rows]).astype(np.int32, copy=False),
+            np.stack([r[1] for r in rows]))
 
 
 def drop(rng, p: float, n: int) -> jax.Array:

@@ -131,6 +131,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         lr=3e-4, warmup_steps=100, end_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8,
         weight_decay=0.0, clip_norm=1.0))
     c.ema = ml_collections.ConfigDict({"decay": 0.9999})
+    # on one device, hold the training state packed between steps (train/packed.py: a few flat
+    # vectors, one fused optimizer / EMA update); checkpoints are the same either way
+    c.pack_state = True
     c.checkpoint = ml_collections.ConfigDict({"every": 500, "keep": 3, "async_save": True})
     # data.source: shapes | webdataset | folder | tfds (the TFDS builders of webdataset shards or
     # folders: tfds_builder 'webdataset' | 'folder' ('' = guess from path), prepared under

@@ -19,17 +19,18 @@ def decay_mask(params):
     return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
 
 
-def make_optimizer(cfg: Any, total_steps: int, trainable=None):
+def make_optimizer(cfg: Any, total_steps: int, trainable=None, decay=None):
     """optax chain from an `optimizer` config: lr, warmup_steps, end_lr_fraction, b1, b2, eps,
     weight_decay, clip_norm. `trainable` (a bool tree) freezes the False leaves (their updates
-    are zero and they carry no optimizer state). Returns (tx, schedule)."""
+    are zero and they carry no optimizer state). `decay` (a bool tree) says which leaves are
+    weight-decayed (default `decay_mask`: matrices and conv kernels). Returns (tx, schedule)."""
     sched = lr_schedule(cfg.lr, cfg.warmup_steps, total_steps, cfg.get("end_lr_fraction", 0.0))
     parts = []
     if cfg.get("clip_norm"):
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
     parts.append(optax.adamw(sched, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
                              eps=cfg.get("eps", 1e-8), weight_decay=cfg.get("weight_decay", 0.0),
-                             mask=decay_mask))
+                             mask=decay_mask if decay is None else decay))
     tx = optax.chain(*parts)
     if trainable is not None:
         labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)

@@ -138,10 +138,29 @@ def _check_batch_fits(stage, config, mesh):
             f"devices")
 
 
-def make_train_step(stage, tx, schedule, config, mesh, rules):
-    """The pure update: grads (with accumulation over micro-batches), optax, EMA, metrics."""
-    accum = int(config.get("grad_accum", 1))
+def make_update(tx, schedule, config):
+    """The step's second half: `update(state, grads) -> (state, metrics)` — optax, EMA and the
+    metric norms (grad_norm, param_norm, lr)."""
     ema_decay = float(config.ema.decay)
+
+    def update(state: TrainState, grads):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = ema_update(state.ema_params, params, state.step, ema_decay)
+        metrics = dict(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+                       lr=schedule(state.step))
+        return TrainState(state.step + 1, params, opt_state, ema), metrics
+
+    return update
+
+
+def make_train_step(stage, tx, schedule, config, mesh, rules, packing=None):
+    """The pure update: grads (with accumulation over micro-batches), then `make_update`'s
+    optax, EMA and metrics. With `packing` (a `packed.StatePacking`) the state is packed: the
+    parameters are sliced out of it for the loss, their gradients packed for `tx` (which must
+    be `packing.tx`)."""
+    accum = int(config.get("grad_accum", 1))
+    update = make_update(tx, schedule, config)
     base_rng = jax.random.key(int(config.seed))
     bsh = batch_sharding(mesh)
 
@@ -152,9 +171,10 @@ def make_train_step(stage, tx, schedule, config, mesh, rules):
 
     def step_fn(state: TrainState, batch, frozen):
         rng = jax.random.fold_in(base_rng, state.step)
+        params = state.params if packing is None else packing.unpack_tree(state.params)
         with nn.logical_axis_rules(rules):
             if accum == 1:
-                (loss, aux), grads = grad_fn(state.params, batch, rng, frozen)
+                (loss, aux), grads = grad_fn(params, batch, rng, frozen)
             else:
                 def split(x):  # [B, ...] -> [accum, B/accum, ...], each device keeping its rows
                     x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
@@ -165,13 +185,13 @@ def make_train_step(stage, tx, schedule, config, mesh, rules):
                 def body(carry, xs):
                     i, mb = xs
                     mb = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, bsh), mb)
-                    (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), frozen)
+                    (l, a), g = grad_fn(params, mb, jax.random.fold_in(rng, i), frozen)
                     gs, ls, auxs = carry
                     return (jax.tree.map(jnp.add, gs, g), ls + l,
                             jax.tree.map(jnp.add, auxs, a)), None
 
-                zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-                aux0 = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(
+                zeros_g = jax.tree.map(jnp.zeros_like, params)
+                aux0 = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(
                     lambda a: a[0], micro), rng, frozen)[0][1])
                 zeros_a = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
                 (grads, loss, aux), _ = jax.lax.scan(
@@ -179,12 +199,10 @@ def make_train_step(stage, tx, schedule, config, mesh, rules):
                 grads = jax.tree.map(lambda g: g / accum, grads)
                 loss = loss / accum
                 aux = jax.tree.map(lambda a: a / accum, aux)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = ema_update(state.ema_params, params, state.step, ema_decay)
-        metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
-                       param_norm=optax.tree.norm(params), lr=schedule(state.step))
-        return TrainState(state.step + 1, params, opt_state, ema), metrics
+        if packing is not None:
+            grads = packing.pack_tree(grads)
+        state, metrics = update(state, grads)
+        return state, dict(aux, loss=loss, **metrics)
 
     return step_fn
 
@@ -235,7 +253,7 @@ def _model_flops_per_device(stage, config, params_abs, batch_abs, frozen) -> flo
 
 
 def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
-          progress: bool = True, devices=None) -> TrainResult:
+          progress: bool = True, devices=None, on_log=None) -> TrainResult:
     """Train `stage` (built from `config`) into WORKDIR/<stage>/, resuming from its newest
     checkpoint.
 
@@ -243,6 +261,19 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
     `devices` restricts the mesh to these devices (default: all). Throughput figures (steps/s,
     TFLOP/s, MFU) count training steps only: the clock pauses around checkpoint saves and
     preview sampling.
+
+    On one device (and `config.pack_state`, default on) the loop holds the state packed
+    (`unclip_jax.train.packed`: a few flat vectors instead of 4 arrays per parameter, one fused
+    optimizer / EMA update); checkpoints and the returned state are the per-parameter
+    `TrainState` either way.
+
+    `on_log(step, metrics, probe)`, when given, is called after each logged window with the
+    clock paused (for benches: `bench/bench_stage_steps.py` times the bare step between the
+    trainer's windows); `probe` holds the compiled step (`step_fn(state, batch, frozen)`, which
+    donates its state: run it on a copy), `state` (as the step takes it: packed or not),
+    `params` (the per-parameter tree), `update` (the step's `make_update` half), the last
+    `batch`, `frozen`, `step_flops` and `packing` (None or the StatePacking). It must not change
+    them.
     """
     if config.get("stage") and config.stage != stage.name:
         raise ValueError(f"the config is for the {config.stage!r} stage but the trainer was "
@@ -281,6 +312,17 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
         TrainState(jax.ShapeDtypeStruct((), jnp.int32), params_abs, opt_abs, params_abs),
         state_sh)
 
+    # ---- the loop's layout of the state: packed on one device (train/packed.py)
+    packing = None
+    if config.get("pack_state", True) and mesh.devices.size == 1:
+        from unclip_jax.train.packed import StatePacking
+
+        try:
+            packing = StatePacking(params_abs, trainable, config.optimizer, total)
+        except ValueError as e:  # an optimizer state it cannot map: the per-parameter layout
+            if pi == 0:
+                print(f"[{stage.name}] training state not packed: {e}", flush=True)
+
     frozen, frozen_sh = None, None
     fz = stage.frozen()
     if fz is not None:
@@ -308,16 +350,26 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
         state = TrainState(jax.device_put(jnp.int32(0), replicated(mesh)), params, opt_state, ema)
 
     # ---- the step: jit with shardings (pjit), donated state, compiled ahead of time
-    step_fn = make_train_step(stage, tx, schedule, config, mesh, rules)
+    run_sh, run_abstract, unpack = state_sh, abstract_state, (lambda st: st)
+    if packing is not None:
+        pack_fn = jax.jit(packing.pack_state, out_shardings=replicated(mesh))
+        unpack = jax.jit(packing.unpack_state, out_shardings=state_sh)
+        run_abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
+            jax.eval_shape(packing.pack_state, abstract_state))
+        run_sh = jax.tree.map(lambda a: a.sharding, run_abstract)
+        state = pack_fn(state)
+    step_fn = make_train_step(stage, tx if packing is None else packing.tx, schedule, config,
+                              mesh, rules, packing)
     bsh = batch_sharding(mesh)
     batch_abs = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct((int(config.batch_size),) + a.shape[1:], a.dtype,
                                        sharding=bsh), stage.dummy_batch(1))
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, bsh, frozen_sh),
-                     out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
+    jitted = jax.jit(step_fn, in_shardings=(run_sh, bsh, frozen_sh),
+                     out_shardings=(run_sh, replicated(mesh)), donate_argnums=(0,))
     t0 = time.time()
     with jax.set_mesh(mesh):
-        compiled = jitted.lower(abstract_state, batch_abs, frozen).compile()
+        compiled = jitted.lower(run_abstract, batch_abs, frozen).compile()
     compile_s = time.time() - t0
     finite = jax.jit(_all_finite, out_shardings=replicated(mesh))  # checked before each save
     step_flops = _model_flops_per_device(stage, config, params_abs, batch_abs, frozen)
@@ -377,6 +429,16 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
                 history.append(dict(m, step=step))
                 if bar is not None:
                     bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+                if on_log is not None:  # not training time: pause the clock
+                    paused = time.time()
+                    on_log(step, m, dict(
+                        step_fn=compiled, state=state, batch=batch, frozen=frozen,
+                        step_flops=step_flops, packing=packing,
+                        params=state.params if packing is None
+                        else unpack(state).params,
+                        update=make_update(tx if packing is None else packing.tx, schedule,
+                                           config)))
+                    t_last += time.time() - paused
                 if not all(math.isfinite(v) for v in (m["loss"], m["grad_norm"])):
                     raise FloatingPointError(
                         f"[{stage.name}] non-finite loss or gradient at step {step}: {m}; "
@@ -386,14 +448,16 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
             if preview or save:  # previews and saves are not training time: pause the clock
                 jax.block_until_ready(state)
                 paused = time.time()
+                full = unpack(state)  # the per-parameter TrainState (a copy when packed)
                 if preview:
-                    imgs = stage.sample_images(state.ema_params, frozen, jax.random.key(step))
+                    imgs = stage.sample_images(full.ema_params, frozen, jax.random.key(step))
                     if imgs is not None:
                         writer.write_images(step, {"samples": np.asarray(imgs)})
                 if save:  # never a non-finite state: with keep-N it would push out good ones
-                    if not bool(finite(state)):
-                        raise _non_finite_error(stage.name, step, state, finite, ckpt)
-                    ckpt.save(step, state, {"skipped": skipped_total})
+                    if not bool(finite(full)):
+                        raise _non_finite_error(stage.name, step, full, finite, ckpt)
+                    ckpt.save(step, full, {"skipped": skipped_total})
+                del full
                 t_last += time.time() - paused
             if stop:
                 break
@@ -406,7 +470,7 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
     stopped = step < total
     if stopped and pi == 0:
         print(f"[{stage.name}] stopped at step {step}; the same command resumes", flush=True)
-    return TrainResult(state=state, step=step, history=history, preempted=stopped)
+    return TrainResult(state=unpack(state), step=step, history=history, preempted=stopped)
 
 
 def _install_sigterm(flag: dict):
