@@ -23,8 +23,11 @@ steps of each of, in rotating order:
   torch    the same training step in PyTorch (see `torch_peer`)
   ops      each dominant conv / matmul shape of the loss's forward jaxpr alone under jax.jit
            (`flops.jaxpr_ops`: grouped by shape, ranked by FLOPs), and a 1024^3 matmul
+  matmuls  every conv / matmul shape of the gradient computation's jaxpr (forward and
+           backward; up to 99% of its FLOPs, 60 shapes) alone, x its count per step, summed:
+           the step's time if everything else were free
 
-so every figure of a stage comes from interleaved windows (loop, step, update, host, torch,
+so every figure of a stage comes from interleaved windows (loop, step, update, host, torch, matmuls,
 ops, loop, ...); each is the median over the windows after a warm-up window. FLOPs are the
 trainer's (`_model_flops_per_device`: 3 x the loss's forward matrix products / convolutions,
 frozen CLIP inside the prior's and decoder's loss counted as trained). The prior and the
@@ -384,8 +387,9 @@ def _n_params_torch(modules) -> int:
 
 class Probe:
     def __init__(self, stage, config, *, k: int, windows: int, top_ops: int, torch_on: bool,
-                 channels_last: bool, before: bool = False):
-        self.before = before
+                 channels_last: bool, before: bool = False, cover: float = 0.99,
+                 max_ops: int = 60):
+        self.before, self.cover, self.max_ops = before, cover, max_ops
         self.stage, self.config, self.k, self.windows = stage, config, k, windows
         self.top_ops, self.torch_on, self.channels_last = top_ops, torch_on, channels_last
         self.calls = 0
@@ -481,10 +485,28 @@ class Probe:
                              flops=2.0 * 1024 ** 3, share=None, count=None,
                              fn=jax.jit(lambda x, y: x @ y), args=(big, big)))
         for op in self.ops:  # compile, warm up, and pick repetitions filling ~0.1 s
-            jax.block_until_ready(op["fn"](*op["args"]))
-            t0 = time.perf_counter()
-            jax.block_until_ready(op["fn"](*op["args"]))
-            op["reps"] = max(3, min(200, int(0.1 / max(time.perf_counter() - t0, 1e-5))))
+            op["reps"] = _reps(op["fn"], op["args"], 0.1, 3)
+
+        # every matrix product / convolution of the step's gradient computation (forward and
+        # backward, frozen CLIP forward only: the jaxpr of value_and_grad(loss)), each shape
+        # alone: their time summed over a step is what the step would take if everything else
+        # (elementwise work, norms, layout changes, the update) were free
+        gfn = jax.value_and_grad(lambda p, b, f: stage.loss(p, b, jax.random.key(0), f)[0])
+        gops = flops_lib.jaxpr_ops(gfn, params, self.batch, self.frozen)
+        total = sum(o["total_flops"] for o in gops)
+        self.gops, acc = [], 0.0
+        for o in gops:
+            if acc >= self.cover * total or len(self.gops) >= self.max_ops:
+                break
+            acc += o["total_flops"]
+            args = tuple(jnp.asarray(rng.standard_normal(v.shape).astype(v.dtype))
+                         for v in (o["lhs"], o["rhs"]))
+            prim, prm = o["bind"], o["params"]
+            fn = jax.jit(lambda x, y, prim=prim, prm=prm: prim.bind(x, y, **prm))
+            self.gops.append(dict(fn=fn, args=args, count=o["count"],
+                                  reps=_reps(fn, args, 0.004, 1)))
+        self.info.update(grad_jaxpr_flops=total, grad_ops_covered=acc / total if total else 0.0,
+                         grad_op_groups=len(self.gops), grad_op_groups_all=len(gops))
 
         if self.torch_on:
             host = {k: np.asarray(v) for k, v in self.batch.items()}
@@ -587,7 +609,22 @@ class Probe:
                     y = op["fn"](*op["args"])
                 jax.block_until_ready(y)
             out.append((f"op{i}", run))
+        out.append(("matmuls", lambda n=None: self._matmuls()))
         return out
+
+    def _matmuls(self):
+        """ms of one step's matrix products / convolutions, each shape alone, summed."""
+        import jax
+
+        total = 0.0
+        for op in self.gops:
+            t0 = time.perf_counter()
+            y = None
+            for _ in range(op["reps"]):
+                y = op["fn"](*op["args"])
+            jax.block_until_ready(y)
+            total += (time.perf_counter() - t0) / op["reps"] * op["count"]
+        return 1000.0 * total
 
     def on_log(self, step, metrics, probe):
         self.calls += 1
@@ -601,10 +638,11 @@ class Probe:
         r = (self.calls - 2) % len(methods)  # rotate the order window by window
         for name, fn in methods[r:] + methods[:r]:
             t0 = time.perf_counter()
-            fn()
+            out = fn()
             dt = time.perf_counter() - t0
             n = self.ops[int(name[2:])]["reps"] if name.startswith("op") else self.k
-            self.times.setdefault(name, []).append(1000.0 * dt / n)
+            self.times.setdefault(name, []).append(out if name == "matmuls"
+                                                   else 1000.0 * dt / n)
         self.info.setdefault("load", []).append(os.getloadavg()[0])
 
     # -- results -------------------------------------------------------------------------------
@@ -619,10 +657,19 @@ class Probe:
                             gflops=op["flops"] / ms / 1e6))
         shape_ops = [o for o in ops if o["share"] is not None]
         best = max(shape_ops, key=lambda o: o["gflops"]) if shape_ops else None
+        # paired figures: window i of one method against window i of another (adjacent in
+        # time), robust to the machine's load drifting between windows
+        step_w = self.times.get("step", [])
+        loops = self.loop_ms[1:]
+        host_paired = (statistics.median([a - b for a, b in zip(loops, step_w)])
+                       if loops and step_w else float("nan"))
+        ratios = [b / a for a, b in zip(step_w, self.times.get("step_before", []))]
+        before_ratio = (statistics.median(ratios), min(ratios), max(ratios)) if ratios else None
         return dict(
             stage=self.stage.name, batch=int(self.config.batch_size),
             gflop=flops / 1e9, step_ms=med.get("step"), loop_ms=loop,
-            host_ms=loop - med.get("step", float("nan")), batches_ms=med.get("host"),
+            host_ms=host_paired, batches_ms=med.get("host"), before_ratio=before_ratio,
+            matmuls_ms=med.get("matmuls"),
             grad_ms=med["step"] - med["update"] if "update" in med else None,
             update_ms=med.get("update"), torch_ms=med.get("torch"),
             achieved=flops / med["step"] / 1e6 if med.get("step") else float("nan"),
@@ -631,6 +678,16 @@ class Probe:
             before={k: med.get(f"{k}_before") for k in ("step", "update", "host")}, **{
                 k: v for k, v in self.info.items() if k != "load"},
             load=self.info.get("load", []))
+
+
+def _reps(fn, args, seconds: float, least: int) -> int:
+    """Compile and warm up fn(*args); the repetitions that fill about `seconds`."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return max(least, min(200, int(seconds / max(time.perf_counter() - t0, 1e-6))))
 
 
 def _op_name(o) -> str:
@@ -696,12 +753,16 @@ def table(results) -> str:
 
 def detail(results) -> str:
     out = ["| stage | step ms | update ms (optimizer + EMA + norms, alone) | grad ms (step - "
-           "update) | loop - step ms | host batches ms (alone) | params (leaves) | torch params "
-           "| frozen CLIP share of FLOPs |", "|---|---|---|---|---|---|---|---|---|"]
+           "update) | its convs / matmuls, each shape alone, summed ms (share of the grad "
+           "jaxpr's FLOPs timed) | the rest ms (step - update - convs / matmuls) | loop - step ms "
+           "(paired) | host batches ms (alone) | params (leaves) | torch params | frozen CLIP "
+           "share of FLOPs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         fz = r.get("frozen_fwd_flops")
         out.append(
             f"| {r['stage']} | {r['step_ms']:.1f} | {r['update_ms']:.2f} | {r['grad_ms']:.1f} | "
+            f"{r['matmuls_ms']:.1f} ({r['grad_ops_covered']:.0%}) | "
+            f"{r['grad_ms'] - r['matmuls_ms']:.1f} | "
             f"{r['host_ms']:+.1f} | {r['batches_ms']:.2f} | "
             f"{r['params']:,} ({r['leaves']}) | "
             + (f"{r['torch_params']:,}" if r.get("torch_params") else "—") + " | "
@@ -718,15 +779,18 @@ def detail(results) -> str:
 
 
 def before_after(results) -> str:
-    out = ["| stage | step ms, per-parameter state (before) | step ms, packed (after) | update "
-           "ms before | update ms after | state buffers after | host batches ms, uncached "
-           "tokens (before) | host batches ms (after) |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| stage | step ms, per-parameter state (before) | step ms, packed (after) | before / "
+           "after, paired windows: median (range) | update ms before | update ms after | state "
+           "buffers after | host batches ms, uncached tokens (before) | host batches ms (after) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, d=1: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
     for r in results:
         b = r.get("before") or {}
+        br = r.get("before_ratio")
         out.append(f"| {r['stage']} | {f(b.get('step'))} | {f(r['step_ms'])} | "
-                   f"{f(b.get('update'), 2)} | {f(r['update_ms'], 2)} | {r['state_buffers']} | "
-                   f"{f(b.get('host'), 2)} | {f(r['batches_ms'], 2)} |")
+                   + (f"{br[0]:.3f} ({br[1]:.2f}-{br[2]:.2f}) | " if br else "— | ")
+                   + f"{f(b.get('update'), 2)} | {f(r['update_ms'], 2)} | {r['state_buffers']} | "
+                   + f"{f(b.get('host'), 2)} | {f(r['batches_ms'], 2)} |")
     return "\n".join(out)
 
 
@@ -805,6 +869,10 @@ def main(argv=None):
                 print(f"[{name}] params: ours {ours:,}, torch {r['torch_params']:,}"
                       + ("" if ours == r["torch_params"] else "  (DIFFERENT)"), flush=True)
             print(f"[{name}] torch: {r.get('torch_what')}", flush=True)
+            print(f"[{name}] state buffers {r['state_buffers']} (packed: {r['packed']}); grad "
+                  f"jaxpr {r['grad_jaxpr_flops'] / 1e9:.2f} GFLOP in {r['grad_op_groups_all']} "
+                  f"conv / matmul shapes, {r['grad_op_groups']} timed "
+                  f"({r['grad_ops_covered']:.0%} of its FLOPs)", flush=True)
     print(f"\nload average at the end: {_load()}; total {time.time() - t_all:.0f} s\n")
     print(table(results))
     print()
