@@ -15,24 +15,31 @@ Between two windows, with the trainer's clock paused (its `on_log` hook), the be
 steps of each of, in rotating order:
 
   step     the trainer's compiled step `(state, batch, frozen) -> state` on a copy of its state
-           and its last batch, block_until_ready at the end (no host work)
+           (packed on one device: train/packed.py) and its last batch, block_until_ready at the
+           end (no host work)
+  update   the step's second half alone, as the step runs it (trainer.make_update): optimizer,
+           EMA and metric norms on fixed gradients (grad = step - update)
   host     the loop's host work alone: K batches from the stage's `batches` and their device
            arrays (jax.make_array_from_process_local_data), as the trainer makes them
-  update   the step's second half alone: the optimizer + EMA + metric norms on fixed
-           gradients, as make_train_step writes them (grad = step - update)
-  torch    the same training step in PyTorch (see `torch_peer`)
+  torch    the same training step in PyTorch (`torch_peer`: the same network and sizes built
+           from the stage's config, the same batch, AdamW + clipping + EMA; the loss may be a
+           plain MSE where ours is fancier: printed per stage)
   ops      each dominant conv / matmul shape of the loss's forward jaxpr alone under jax.jit
            (`flops.jaxpr_ops`: grouped by shape, ranked by FLOPs), and a 1024^3 matmul
   matmuls  every conv / matmul shape of the gradient computation's jaxpr (forward and
-           backward; up to 99% of its FLOPs, 60 shapes) alone, x its count per step, summed:
-           the step's time if everything else were free
+           backward; --cover of its FLOPs, at most --max-ops shapes) alone, times its count
+           per step, summed: the step's time if everything else were free
 
-so every figure of a stage comes from interleaved windows (loop, step, update, host, torch, matmuls,
-ops, loop, ...); each is the median over the windows after a warm-up window. FLOPs are the
+and with --before also the pre-fix step and update (the per-parameter state layout, as
+`pack_state=False` runs) and host batches (tokenization without the token cache). Every figure
+of a stage comes from these interleaved windows (loop, step, update, host, torch, ops, matmuls,
+loop, ...): medians over the windows after a warm-up one; "loop - step" and "before / after"
+are medians of window-by-window (adjacent in time) differences / ratios. FLOPs are the
 trainer's (`_model_flops_per_device`: 3 x the loss's forward matrix products / convolutions,
 frozen CLIP inside the prior's and decoder's loss counted as trained). The prior and the
 decoder need a trained CLIP: the CLIP stage's run provides it (or a 2-step CLIP run when clip is
-not benchmarked, or --workdir W with W/clip).
+not benchmarked, or --workdir W with W/clip). torch runs with OMP_WAIT_POLICY=PASSIVE unless
+set (see --omp-wait-policy). Prints the tables of docs/PERFORMANCE.md; --out appends JSON.
 """
 from __future__ import annotations
 
@@ -797,10 +804,14 @@ def before_after(results) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stages", default=",".join(STAGES))
-    ap.add_argument("--steps", type=int, default=40,
+    ap.add_argument("--steps", type=int, default=30,
                     help="measured steps per method and stage (split over --windows)")
     ap.add_argument("--windows", type=int, default=5)
     ap.add_argument("--top-ops", type=int, default=3, help="dominant op shapes timed alone")
+    ap.add_argument("--cover", type=float, default=0.95,
+                    help="time the gradient jaxpr's conv / matmul shapes up to this share of "
+                         "its FLOPs ...")
+    ap.add_argument("--max-ops", type=int, default=40, help="... and at most this many shapes")
     ap.add_argument("--num-examples", type=int, default=512, help="shapes examples rendered")
     ap.add_argument("--workdir", default="", help="a workdir holding clip/ (else trained here)")
     ap.add_argument("--no-torch", action="store_true")
@@ -852,7 +863,7 @@ def main(argv=None):
             stage = build_stage(cfg, work)
             probe = Probe(stage, cfg, k=k, windows=args.windows, top_ops=args.top_ops,
                           torch_on=not args.no_torch, channels_last=args.channels_last,
-                          before=args.before)
+                          before=args.before, cover=args.cover, max_ops=args.max_ops)
             train(stage, cfg, work, progress=False, on_log=probe.on_log)
             r = probe.result()
             r["config"] = describe(cfg)
@@ -860,7 +871,8 @@ def main(argv=None):
             results.append(r)
             print(f"[{name}] {r['config']}; batch {r['batch']}: step {r['step_ms']:.1f} ms, "
                   f"loop {r['loop_ms']:.1f} ms, grad {r['grad_ms']:.1f}, update "
-                  f"{r['update_ms']:.2f}, host batches {r['batches_ms']:.2f}, torch {r.get('torch_ms') or float('nan'):.1f} ms; "
+                  f"{r['update_ms']:.2f}, host batches {r['batches_ms']:.2f}, torch "
+                  f"{r.get('torch_ms') or float('nan'):.1f} ms; "
                   f"{r['gflop']:.2f} GFLOP/step; {r['seconds']:.0f} s (probe set-up "
                   f"{r.get('setup_s', 0):.0f} s); load {_load()}",
                   flush=True)
