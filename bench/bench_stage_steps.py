@@ -15,21 +15,31 @@ Between two windows, with the trainer's clock paused (its `on_log` hook), the be
 steps of each of, in rotating order:
 
   step     the trainer's compiled step `(state, batch, frozen) -> state` on a copy of its state
-           and its last batch, block_until_ready at the end (no host work)
+           (packed on one device: train/packed.py) and its last batch, block_until_ready at the
+           end (no host work)
+  update   the step's second half alone, as the step runs it (trainer.make_update): optimizer,
+           EMA and metric norms on fixed gradients (grad = step - update)
   host     the loop's host work alone: K batches from the stage's `batches` and their device
            arrays (jax.make_array_from_process_local_data), as the trainer makes them
-  update   the step's second half alone: the optimizer + EMA + metric norms on fixed
-           gradients, as make_train_step writes them (grad = step - update)
-  torch    the same training step in PyTorch (see `torch_peer`)
+  torch    the same training step in PyTorch (`torch_peer`: the same network and sizes built
+           from the stage's config, the same batch, AdamW + clipping + EMA; the loss may be a
+           plain MSE where ours is fancier: printed per stage)
   ops      each dominant conv / matmul shape of the loss's forward jaxpr alone under jax.jit
            (`flops.jaxpr_ops`: grouped by shape, ranked by FLOPs), and a 1024^3 matmul
+  matmuls  every conv / matmul shape of the gradient computation's jaxpr (forward and
+           backward; --cover of its FLOPs, at most --max-ops shapes) alone, times its count
+           per step, summed: the step's time if everything else were free
 
-so every figure of a stage comes from interleaved windows (loop, step, update, host, torch,
-ops, loop, ...); each is the median over the windows after a warm-up window. FLOPs are the
+and with --before also the pre-fix step and update (the per-parameter state layout, as
+`pack_state=False` runs) and host batches (tokenization without the token cache). Every figure
+of a stage comes from these interleaved windows (loop, step, update, host, torch, ops, matmuls,
+loop, ...): medians over the windows after a warm-up one; "loop - step" and "before / after"
+are medians of window-by-window (adjacent in time) differences / ratios. FLOPs are the
 trainer's (`_model_flops_per_device`: 3 x the loss's forward matrix products / convolutions,
 frozen CLIP inside the prior's and decoder's loss counted as trained). The prior and the
 decoder need a trained CLIP: the CLIP stage's run provides it (or a 2-step CLIP run when clip is
-not benchmarked, or --workdir W with W/clip).
+not benchmarked, or --workdir W with W/clip). torch runs with OMP_WAIT_POLICY=PASSIVE unless
+set (see --omp-wait-policy). Prints the tables of docs/PERFORMANCE.md; --out appends JSON.
 """
 from __future__ import annotations
 
@@ -384,8 +394,9 @@ def _n_params_torch(modules) -> int:
 
 class Probe:
     def __init__(self, stage, config, *, k: int, windows: int, top_ops: int, torch_on: bool,
-                 channels_last: bool, before: bool = False):
-        self.before = before
+                 channels_last: bool, before: bool = False, cover: float = 0.99,
+                 max_ops: int = 60):
+        self.before, self.cover, self.max_ops = before, cover, max_ops
         self.stage, self.config, self.k, self.windows = stage, config, k, windows
         self.top_ops, self.torch_on, self.channels_last = top_ops, torch_on, channels_last
         self.calls = 0
@@ -481,10 +492,28 @@ class Probe:
                              flops=2.0 * 1024 ** 3, share=None, count=None,
                              fn=jax.jit(lambda x, y: x @ y), args=(big, big)))
         for op in self.ops:  # compile, warm up, and pick repetitions filling ~0.1 s
-            jax.block_until_ready(op["fn"](*op["args"]))
-            t0 = time.perf_counter()
-            jax.block_until_ready(op["fn"](*op["args"]))
-            op["reps"] = max(3, min(200, int(0.1 / max(time.perf_counter() - t0, 1e-5))))
+            op["reps"] = _reps(op["fn"], op["args"], 0.1, 3)
+
+        # every matrix product / convolution of the step's gradient computation (forward and
+        # backward, frozen CLIP forward only: the jaxpr of value_and_grad(loss)), each shape
+        # alone: their time summed over a step is what the step would take if everything else
+        # (elementwise work, norms, layout changes, the update) were free
+        gfn = jax.value_and_grad(lambda p, b, f: stage.loss(p, b, jax.random.key(0), f)[0])
+        gops = flops_lib.jaxpr_ops(gfn, params, self.batch, self.frozen)
+        total = sum(o["total_flops"] for o in gops)
+        self.gops, acc = [], 0.0
+        for o in gops:
+            if acc >= self.cover * total or len(self.gops) >= self.max_ops:
+                break
+            acc += o["total_flops"]
+            args = tuple(jnp.asarray(rng.standard_normal(v.shape).astype(v.dtype))
+                         for v in (o["lhs"], o["rhs"]))
+            prim, prm = o["bind"], o["params"]
+            fn = jax.jit(lambda x, y, prim=prim, prm=prm: prim.bind(x, y, **prm))
+            self.gops.append(dict(fn=fn, args=args, count=o["count"],
+                                  reps=_reps(fn, args, 0.004, 1)))
+        self.info.update(grad_jaxpr_flops=total, grad_ops_covered=acc / total if total else 0.0,
+                         grad_op_groups=len(self.gops), grad_op_groups_all=len(gops))
 
         if self.torch_on:
             host = {k: np.asarray(v) for k, v in self.batch.items()}
@@ -587,7 +616,22 @@ class Probe:
                     y = op["fn"](*op["args"])
                 jax.block_until_ready(y)
             out.append((f"op{i}", run))
+        out.append(("matmuls", lambda n=None: self._matmuls()))
         return out
+
+    def _matmuls(self):
+        """ms of one step's matrix products / convolutions, each shape alone, summed."""
+        import jax
+
+        total = 0.0
+        for op in self.gops:
+            t0 = time.perf_counter()
+            y = None
+            for _ in range(op["reps"]):
+                y = op["fn"](*op["args"])
+            jax.block_until_ready(y)
+            total += (time.perf_counter() - t0) / op["reps"] * op["count"]
+        return 1000.0 * total
 
     def on_log(self, step, metrics, probe):
         self.calls += 1
@@ -601,10 +645,11 @@ class Probe:
         r = (self.calls - 2) % len(methods)  # rotate the order window by window
         for name, fn in methods[r:] + methods[:r]:
             t0 = time.perf_counter()
-            fn()
+            out = fn()
             dt = time.perf_counter() - t0
             n = self.ops[int(name[2:])]["reps"] if name.startswith("op") else self.k
-            self.times.setdefault(name, []).append(1000.0 * dt / n)
+            self.times.setdefault(name, []).append(out if name == "matmuls"
+                                                   else 1000.0 * dt / n)
         self.info.setdefault("load", []).append(os.getloadavg()[0])
 
     # -- results -------------------------------------------------------------------------------
@@ -619,10 +664,19 @@ class Probe:
                             gflops=op["flops"] / ms / 1e6))
         shape_ops = [o for o in ops if o["share"] is not None]
         best = max(shape_ops, key=lambda o: o["gflops"]) if shape_ops else None
+        # paired figures: window i of one method against window i of another (adjacent in
+        # time), robust to the machine's load drifting between windows
+        step_w = self.times.get("step", [])
+        loops = self.loop_ms[1:]
+        host_paired = (statistics.median([a - b for a, b in zip(loops, step_w)])
+                       if loops and step_w else float("nan"))
+        ratios = [b / a for a, b in zip(step_w, self.times.get("step_before", []))]
+        before_ratio = (statistics.median(ratios), min(ratios), max(ratios)) if ratios else None
         return dict(
             stage=self.stage.name, batch=int(self.config.batch_size),
             gflop=flops / 1e9, step_ms=med.get("step"), loop_ms=loop,
-            host_ms=loop - med.get("step", float("nan")), batches_ms=med.get("host"),
+            host_ms=host_paired, batches_ms=med.get("host"), before_ratio=before_ratio,
+            matmuls_ms=med.get("matmuls"),
             grad_ms=med["step"] - med["update"] if "update" in med else None,
             update_ms=med.get("update"), torch_ms=med.get("torch"),
             achieved=flops / med["step"] / 1e6 if med.get("step") else float("nan"),
@@ -631,6 +685,16 @@ class Probe:
             before={k: med.get(f"{k}_before") for k in ("step", "update", "host")}, **{
                 k: v for k, v in self.info.items() if k != "load"},
             load=self.info.get("load", []))
+
+
+def _reps(fn, args, seconds: float, least: int) -> int:
+    """Compile and warm up fn(*args); the repetitions that fill about `seconds`."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return max(least, min(200, int(seconds / max(time.perf_counter() - t0, 1e-6))))
 
 
 def _op_name(o) -> str:
@@ -696,12 +760,16 @@ def table(results) -> str:
 
 def detail(results) -> str:
     out = ["| stage | step ms | update ms (optimizer + EMA + norms, alone) | grad ms (step - "
-           "update) | loop - step ms | host batches ms (alone) | params (leaves) | torch params "
-           "| frozen CLIP share of FLOPs |", "|---|---|---|---|---|---|---|---|---|"]
+           "update) | its convs / matmuls, each shape alone, summed ms (share of the grad "
+           "jaxpr's FLOPs timed) | the rest ms (step - update - convs / matmuls) | loop - step ms "
+           "(paired) | host batches ms (alone) | params (leaves) | torch params | frozen CLIP "
+           "share of FLOPs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         fz = r.get("frozen_fwd_flops")
         out.append(
             f"| {r['stage']} | {r['step_ms']:.1f} | {r['update_ms']:.2f} | {r['grad_ms']:.1f} | "
+            f"{r['matmuls_ms']:.1f} ({r['grad_ops_covered']:.0%}) | "
+            f"{r['grad_ms'] - r['matmuls_ms']:.1f} | "
             f"{r['host_ms']:+.1f} | {r['batches_ms']:.2f} | "
             f"{r['params']:,} ({r['leaves']}) | "
             + (f"{r['torch_params']:,}" if r.get("torch_params") else "—") + " | "
@@ -718,25 +786,32 @@ def detail(results) -> str:
 
 
 def before_after(results) -> str:
-    out = ["| stage | step ms, per-parameter state (before) | step ms, packed (after) | update "
-           "ms before | update ms after | state buffers after | host batches ms, uncached "
-           "tokens (before) | host batches ms (after) |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| stage | step ms, per-parameter state (before) | step ms, packed (after) | before / "
+           "after, paired windows: median (range) | update ms before | update ms after | state "
+           "buffers after | host batches ms, uncached tokens (before) | host batches ms (after) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, d=1: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
     for r in results:
         b = r.get("before") or {}
+        br = r.get("before_ratio")
         out.append(f"| {r['stage']} | {f(b.get('step'))} | {f(r['step_ms'])} | "
-                   f"{f(b.get('update'), 2)} | {f(r['update_ms'], 2)} | {r['state_buffers']} | "
-                   f"{f(b.get('host'), 2)} | {f(r['batches_ms'], 2)} |")
+                   + (f"{br[0]:.3f} ({br[1]:.2f}-{br[2]:.2f}) | " if br else "— | ")
+                   + f"{f(b.get('update'), 2)} | {f(r['update_ms'], 2)} | {r['state_buffers']} | "
+                   + f"{f(b.get('host'), 2)} | {f(r['batches_ms'], 2)} |")
     return "\n".join(out)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stages", default=",".join(STAGES))
-    ap.add_argument("--steps", type=int, default=40,
+    ap.add_argument("--steps", type=int, default=30,
                     help="measured steps per method and stage (split over --windows)")
     ap.add_argument("--windows", type=int, default=5)
     ap.add_argument("--top-ops", type=int, default=3, help="dominant op shapes timed alone")
+    ap.add_argument("--cover", type=float, default=0.95,
+                    help="time the gradient jaxpr's conv / matmul shapes up to this share of "
+                         "its FLOPs ...")
+    ap.add_argument("--max-ops", type=int, default=40, help="... and at most this many shapes")
     ap.add_argument("--num-examples", type=int, default=512, help="shapes examples rendered")
     ap.add_argument("--workdir", default="", help="a workdir holding clip/ (else trained here)")
     ap.add_argument("--no-torch", action="store_true")
@@ -788,7 +863,7 @@ def main(argv=None):
             stage = build_stage(cfg, work)
             probe = Probe(stage, cfg, k=k, windows=args.windows, top_ops=args.top_ops,
                           torch_on=not args.no_torch, channels_last=args.channels_last,
-                          before=args.before)
+                          before=args.before, cover=args.cover, max_ops=args.max_ops)
             train(stage, cfg, work, progress=False, on_log=probe.on_log)
             r = probe.result()
             r["config"] = describe(cfg)
@@ -796,7 +871,8 @@ def main(argv=None):
             results.append(r)
             print(f"[{name}] {r['config']}; batch {r['batch']}: step {r['step_ms']:.1f} ms, "
                   f"loop {r['loop_ms']:.1f} ms, grad {r['grad_ms']:.1f}, update "
-                  f"{r['update_ms']:.2f}, host batches {r['batches_ms']:.2f}, torch {r.get('torch_ms') or float('nan'):.1f} ms; "
+                  f"{r['update_ms']:.2f}, host batches {r['batches_ms']:.2f}, torch "
+                  f"{r.get('torch_ms') or float('nan'):.1f} ms; "
                   f"{r['gflop']:.2f} GFLOP/step; {r['seconds']:.0f} s (probe set-up "
                   f"{r.get('setup_s', 0):.0f} s); load {_load()}",
                   flush=True)
@@ -805,6 +881,10 @@ def main(argv=None):
                 print(f"[{name}] params: ours {ours:,}, torch {r['torch_params']:,}"
                       + ("" if ours == r["torch_params"] else "  (DIFFERENT)"), flush=True)
             print(f"[{name}] torch: {r.get('torch_what')}", flush=True)
+            print(f"[{name}] state buffers {r['state_buffers']} (packed: {r['packed']}); grad "
+                  f"jaxpr {r['grad_jaxpr_flops'] / 1e9:.2f} GFLOP in {r['grad_op_groups_all']} "
+                  f"conv / matmul shapes, {r['grad_op_groups']} timed "
+                  f"({r['grad_ops_covered']:.0%} of its FLOPs)", flush=True)
     print(f"\nload average at the end: {_load()}; total {time.time() - t_all:.0f} s\n")
     print(table(results))
     print()
