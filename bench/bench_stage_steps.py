@@ -537,19 +537,17 @@ class Probe:
 
         k = self.k
 
-        def step(n=k):
-            s = self.state
-            for _ in range(n):
-                s, _m = self.step_fn(s, self.batch, self.frozen)
-            jax.block_until_ready(s)
-            self.state = s
+        def looped(attr, fn, *args):  # n calls of fn on the state held in self.<attr>
+            def run(n=k):
+                s = getattr(self, attr)
+                for _ in range(n):
+                    s, _m = fn(s, *args)
+                jax.block_until_ready(s)
+                setattr(self, attr, s)
+            return run
 
-        def update(n=k):
-            s = self.upd_state
-            for _ in range(n):
-                s, _m = self.update_c(s, self.grads)
-            jax.block_until_ready(s)
-            self.upd_state = s
+        step = looped("state", self.step_fn, self.batch, self.frozen)
+        update = looped("upd_state", self.update_c, self.grads)
 
         def host(n=k):
             import numpy as np
@@ -563,20 +561,8 @@ class Probe:
 
         out = [("step", step), ("update", update), ("host", host)]
         if self.before and getattr(self, "b_step", None) is not None:
-            def step_before(n=k):
-                s = self.b_state
-                for _ in range(n):
-                    s, _m = self.b_step(s, self.batch, self.frozen)
-                jax.block_until_ready(s)
-                self.b_state = s
-
-            def update_before(n=k):
-                s = self.b_upd_state
-                for _ in range(n):
-                    s, _m = self.b_update(s, self.b_grads)
-                jax.block_until_ready(s)
-                self.b_upd_state = s
-
+            step_before = looped("b_state", self.b_step, self.batch, self.frozen)
+            update_before = looped("b_upd_state", self.b_update, self.b_grads)
             out += [("step_before", step_before), ("update_before", update_before)]
         if self.before:
             def host_before(n=k):

@@ -310,12 +310,9 @@ class UnCLIPPipeline:
         matrix products). That is another draw than `generate`'s, which draws a batch at once.
         Every chunk runs at one batch size (the last is padded), so each stage compiles once.
         """
-        if decoder_guidance is None:
-            decoder_guidance = self.decoder_guidance_default
-        prompts = _validate(prompts, dict(prior_steps=prior_steps, decoder_steps=decoder_steps,
-                                          super_res_steps=super_res_steps),
-                            dict(prior_guidance=prior_guidance, decoder_guidance=decoder_guidance),
-                            num_images_per_prompt)
+        prompts, decoder_guidance = self._checked_request(
+            prompts, prior_steps, decoder_steps, super_res_steps, prior_guidance,
+            decoder_guidance, num_images_per_prompt)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
                 or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -337,6 +334,17 @@ class UnCLIPPipeline:
                 yield start, _uint8_images(np.asarray(out["images"])[:n])
         return chunks()
 
+    def _checked_request(self, prompts, prior_steps, decoder_steps, super_res_steps,
+                         prior_guidance, decoder_guidance, num_images_per_prompt):
+        """(validated prompts, decoder guidance with the decoder's default filled in)."""
+        if decoder_guidance is None:
+            decoder_guidance = self.decoder_guidance_default
+        prompts = _validate(prompts, dict(prior_steps=prior_steps, decoder_steps=decoder_steps,
+                                          super_res_steps=super_res_steps),
+                            dict(prior_guidance=prior_guidance, decoder_guidance=decoder_guidance),
+                            num_images_per_prompt)
+        return prompts, decoder_guidance
+
     def generate_float(self, prompts, *, seed: int = 0, prior_steps: int = 25,
                        decoder_steps: int = 25, super_res_steps: int = 7,
                        prior_guidance: float = 4.0, decoder_guidance: float | None = None,
@@ -353,12 +361,9 @@ class UnCLIPPipeline:
         keys [N] (one an image), replaces `seed`: each image then draws its latents and noise
         from its own key, whatever the batch around it (`generate_batches`).
         """
-        if decoder_guidance is None:
-            decoder_guidance = self.decoder_guidance_default
-        prompts = _validate(prompts, dict(prior_steps=prior_steps, decoder_steps=decoder_steps,
-                                          super_res_steps=super_res_steps),
-                            dict(prior_guidance=prior_guidance, decoder_guidance=decoder_guidance),
-                            num_images_per_prompt)
+        prompts, decoder_guidance = self._checked_request(
+            prompts, prior_steps, decoder_steps, super_res_steps, prior_guidance,
+            decoder_guidance, num_images_per_prompt)
         k = self.prior_candidates if prior_candidates is None else prior_candidates
         if k < 1:
             raise ValueError(f"prior_candidates must be >= 1, got {k}")
