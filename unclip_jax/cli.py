@@ -466,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from unclip_jax.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # before XLA allocates: freed step memory is reused, not faulted back in
     from unclip_jax.train.config import split_overrides
 
     parser = build_parser()
