@@ -17,7 +17,7 @@ SIZES = {
     # 34%). At a fixed budget many small batches beat few large ones (batch 32 x 450 steps
     # places 31% of single objects right, 16 x 900 60%, 8 x 1800 96%).
     "demo": dict(channels=(32, 64), layers=1, attn=(False, True), head=32, size=32, patch=2,
-                 clip=64, context=64, groups=8, batch=8, steps=3600, image=64),
+                 clip=64, context=64, groups=8, batch=8, steps=2000, image=64),
     "karlo": dict(channels=(320, 640, 960, 1280), layers=3, attn=(False, True, True, True),
                   head=64, size=64, clip=768, context=1536, groups=32, batch=2048,
                   steps=800_000, image=224,

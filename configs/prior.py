@@ -11,7 +11,7 @@ SIZES = {
     "tiny": dict(embedding_dim=32, num_layers=2, num_heads=2, head_dim=16, num_text_tokens=24,
                  batch=16, steps=20, image=32, norm="meanstd"),
     "demo": dict(embedding_dim=64, num_layers=4, num_heads=4, head_dim=32, num_text_tokens=24,
-                 batch=64, steps=400, image=64, norm="meanstd"),
+                 batch=64, steps=300, image=64, norm="meanstd"),
     "karlo": dict(embedding_dim=768, num_layers=20, num_heads=32, head_dim=64,
                   num_text_tokens=77, batch=4096, steps=1_000_000, image=224, norm="meanstd"),
     "paper": dict(embedding_dim=768, num_layers=24, num_heads=32, head_dim=64,

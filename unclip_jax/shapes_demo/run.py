@@ -34,7 +34,7 @@ def demo_config(stage: str, workdir: str, size: str = "demo", extra=()):
     from unclip_jax.train.config import load_config
 
     over = [f"data.cache_dir={os.path.join(workdir, 'data')}", "data.num_examples=4000",
-            "checkpoint.every=250", "checkpoint.keep=2", *extra]
+            "checkpoint.every=500", "checkpoint.keep=2", *extra]
     if stage == "clip":
         over.append(f"tokenizer={os.path.join(workdir, 'tokenizer')}")
     return load_config(os.path.join(configs_dir(), f"{stage}.py") + f":size={size}", over)
