@@ -14,8 +14,10 @@ SIZES = {
     # 2x2 patches (space-to-depth: the levels run at 16 and 8 px), which halves the step's time
     # at the same learning per step (measured: patch 2 x (32, 64) and the unpatched (16, 32, 64)
     # both place ~30% of single objects fully right after batch 8 x 1800; patched 3600 steps,
-    # 34%). At a fixed budget many small batches beat few large ones (batch 32 x 450 steps
-    # places 31% of single objects right, 16 x 900 60%, 8 x 1800 96%).
+    # 34-48%, but the fresh-clone demo then took 19.6 min). 2000 steps is what the demo's
+    # 13.5-minute budget leaves for the decoder (README, "The shapes demo"). At a fixed budget
+    # many small batches beat few large ones (batch 32 x 450 steps places 31% of single objects
+    # in the right cell, 16 x 900 60%, 8 x 1800 96%).
     "demo": dict(channels=(32, 64), layers=1, attn=(False, True), head=32, size=32, patch=2,
                  clip=64, context=64, groups=8, batch=8, steps=2000, image=64),
     "karlo": dict(channels=(320, 640, 960, 1280), layers=3, attn=(False, True, True, True),
