@@ -4,9 +4,10 @@ XLA:CPU allocates each step's temporaries with malloc. glibc serves blocks above
 threshold with a fresh mmap and gives them back with munmap on free, and trims the top of the
 heap once more than the trim threshold is free there; either way the next step touches new pages
 and pays a page fault per 4 KiB. A fresh-clone `make demo` took 57 million minor page faults and
-242 s of system time (of 1655 s CPU time). Keeping freed memory in the heap (mmap threshold
-32 MiB, trim threshold 1 GiB, 256 MiB top pad) took the demo decoder's training loop from 7.0 to
-9.0 steps/s (`bench/bench_train.py --config configs/decoder.py:size=demo`, docs/PERFORMANCE.md).
+243 s of system time (of 1655 s CPU time). Keeping freed memory in the heap (mmap threshold
+512 MiB, trim threshold 1 GiB, 256 MiB top pad) took the demo decoder's training loop from
+7.0-7.2 to 8.2-9.0 steps/s and its page faults from 2.2 M to 0.44 M (`bench/bench_train.py
+--config configs/decoder.py:size=demo`; docs/PERFORMANCE.md, "The host allocator").
 
 `unclip-jax` applies this at start-up; call :func:`keep_freed_memory` from your own entry point
 for the same effect. It is a no-op off glibc, when any ``MALLOC_*_`` tunable is already set in
