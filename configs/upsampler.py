@@ -1,7 +1,16 @@
 """Upsampler stage. Sizes: tiny (16 -> 32, CPU tests), demo (32 -> 64), sr256 (the paper's
 64 -> 256 with Gaussian blur, Karlo-like 320-wide, no attention), karlo (sr256 as Karlo's
 super_res_first: timestep embedding added, no scale-shift norm), sr1024 (256 -> 1024 with
-BSR degradation). Trained on random crops of 1/4 of the target area.
+BSR degradation), tiny2 (32 -> 64 with BSR degradation: the second step of a tiny cascade, CPU
+tests). Trained on random crops of 1/4 of the target area.
+
+The cascade's second stages (sr1024, tiny2) train into WORKDIR/upsampler2 by default
+(config.stage_dir; the first stages into WORKDIR/upsampler), where the pipeline finds them:
+
+    unclip-jax train --config configs/upsampler.py:size=sr256 --workdir W    # W/upsampler
+    unclip-jax train --config configs/upsampler.py:size=sr1024 --workdir W   # W/upsampler2
+
+A third stage would take --config.stage_dir=upsampler3.
 """
 import ml_collections
 
@@ -16,7 +25,12 @@ SIZES = {
                   deg="blur", batch=1024, steps=1_000_000),
     "sr1024": dict(channels=(192, 384, 576, 768), layers=2, groups=32, out=1024, low=256,
                    crop=512, deg="bsr", batch=512, steps=1_000_000),
+    "tiny2": dict(channels=(16, 32), layers=1, groups=8, out=64, low=32, crop=32, deg="bsr",
+                  batch=8, steps=20),
 }
+#: the sizes that are the cascade's second step: trained into WORKDIR/upsampler2 by default
+SECOND_STAGES = ("sr1024", "tiny2")
+SMALL = ("tiny", "tiny2", "demo")
 # Karlo's 64 -> 256 super_res_first: sr256's layout with the timestep embedding added to the
 # hidden state (diffusers' resnet_time_scale_shift="default", not ADM's scale-shift norm)
 SIZES["karlo"] = dict(SIZES["sr256"], time_shift="default")
@@ -25,6 +39,7 @@ SIZES["karlo"] = dict(SIZES["sr256"], time_shift="default")
 def get_config(arg=None):
     size, s = size_spec(SIZES, arg)
     c = base_config("upsampler")
+    c.stage_dir = "upsampler2" if size in SECOND_STAGES else ""
     c.model = ml_collections.ConfigDict(dict(
         in_channels=6, out_channels=3, sample_size=s["out"], block_out_channels=s["channels"],
         layers_per_block=s["layers"], attention_levels=(False,) * len(s["channels"]),
@@ -50,9 +65,9 @@ def get_config(arg=None):
         low_res_size=s["low"], crop_size=s["crop"], degradation=s["deg"],
         blur_sigma=(0.4, 0.6), noise_aug_max=0, sample_noise_level=0))
     c.data.image_size = s["out"]
-    set_run_length(c, small=size in ("tiny", "demo"), batch=s["batch"], steps=s["steps"],
+    set_run_length(c, small=size in SMALL, batch=s["batch"], steps=s["steps"],
                    lr_small=1e-3, lr_large=1.2e-4)
-    if size not in ("tiny", "demo"):
+    if size not in SMALL:
         c.model.dtype = "bfloat16"
         c.model.remat = True
     return c

@@ -67,6 +67,40 @@ _seed_nonneg = _int_in(0, SEED_MAX, " (a non-negative 64-bit integer: it also se
                                     "SeedSequence)")
 
 
+def _per_step(parse_one, what: str, example: str):
+    """An argparse type: one value (for every upsampler step) or a comma list of them (one per
+    step of the cascade, in order)."""
+    def parse(text: str):
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) == 1:
+            return parse_one(parts[0])
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"expected {what} or a comma list of them, one per "
+                                             f"upsampler step (e.g. {example}), got {text!r}")
+        values = []
+        for i, part in enumerate(parts, 1):
+            try:
+                values.append(parse_one(part))
+            except argparse.ArgumentTypeError as e:
+                raise argparse.ArgumentTypeError(f"entry {i} of {text!r} (one per upsampler "
+                                                 f"step): {e}") from None
+        return tuple(values)
+    parse.__name__ = what
+    return parse
+
+
+def _method(text: str) -> str:
+    from unclip_jax.diffusion.sampler import METHODS
+
+    if text not in METHODS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(METHODS)}, got {text!r}")
+    return text
+
+
+_positive_per_step = _per_step(_positive, "a positive integer", "27,15")
+_method_per_step = _per_step(_method, "a sampling method (ddpm or ddim)", "ddim,ddpm")
+
+
 def _finite(text: str) -> float:
     try:
         value = float(text)
@@ -209,7 +243,7 @@ def _cmd_sample(args) -> int:
     pipe = _load_pipeline(args, progress=not args.quiet)
     kw = dict(prior_steps=args.prior_steps, decoder_steps=args.decoder_steps,
               super_res_steps=args.super_res_steps, prior_guidance=args.prior_guidance,
-              decoder_guidance=args.decoder_guidance)
+              decoder_guidance=args.decoder_guidance, super_res_method=args.super_res_method)
     if args.rerank:
         if getattr(pipe, "clip", None) is None:
             raise ValueError("--rerank needs the CLIP image tower: use --workdir")
@@ -255,17 +289,18 @@ def _cmd_sample(args) -> int:
 def _cmd_train(args) -> int:
     from unclip_jax.stages import build_stage
     from unclip_jax.train.config import load_config
-    from unclip_jax.train.trainer import check_config, train
+    from unclip_jax.train.trainer import check_config, stage_dir_name, train
 
     config = load_config(args.config, args.overrides)
     check_config(config)  # before the stage is built: building one may write into the workdir
-    _check_workdir(args.workdir, "--workdir", str(config.get("stage") or ""))
+    where = stage_dir_name(config)
+    _check_workdir(args.workdir, "--workdir", where)
     res = train(build_stage(config, args.workdir), config, args.workdir,
                 stop_at_step=args.stop_at, progress=not args.quiet)
     last = res.history[-1] if res.history else {}
     print(f"[{config.stage}] step {res.step}/{config.total_steps}"
           + (f", loss {last['loss']:.4f}" if "loss" in last else "")
-          + f"; checkpoints in {args.workdir}/{config.stage}")
+          + f"; checkpoints in {args.workdir}/{where}")
     return 0
 
 
@@ -393,7 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(P-III.png: image III of prompt P; prompts.json); no grid unless --out")
     s.add_argument("--prior-steps", type=_positive, default=25)
     s.add_argument("--decoder-steps", type=_positive, default=25)
-    s.add_argument("--super-res-steps", type=_positive, default=7)
+    s.add_argument("--super-res-steps", type=_positive_per_step, default=7,
+                   help="sampling steps of every upsampler, or a comma list with one per step of "
+                        "the cascade (e.g. 27,15); default 7")
+    s.add_argument("--super-res-method", type=_method_per_step, default=None,
+                   help="ddpm or ddim for every upsampler, or a comma list with one per step; "
+                        "default: what each upsampler records")
     s.add_argument("--prior-guidance", type=_guidance, default=4.0,
                    help="classifier-free guidance scale (>= 1; 1 = none)")
     s.add_argument("--decoder-guidance", type=_guidance, default=None,
@@ -407,7 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a stage. Override any config key with "
                                    "--config.KEY=VALUE (e.g. --config.optimizer.lr=3e-4).")
     t.add_argument("--config", required=True, help="configs/<stage>.py[:size=...]")
-    t.add_argument("--workdir", required=True, help="checkpoints go to WORKDIR/<stage>/")
+    t.add_argument("--workdir", required=True,
+                   help="checkpoints go to WORKDIR/<stage>/ (WORKDIR/<config.stage_dir>/ when "
+                        "set, e.g. upsampler2)")
     t.add_argument("--stop-at", type=_positive, default=None,
                    help="stop (with a checkpoint) at this step; the same command resumes")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

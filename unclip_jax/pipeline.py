@@ -1,9 +1,10 @@
-"""Text -> image with unCLIP: CLIP text encoder -> prior -> decoder -> upsampler(s).
+"""Text -> image with unCLIP: CLIP text encoder -> prior -> decoder -> upsampler cascade.
 
 Every stage samples through the one jitted `lax.scan` sampler (`unclip_jax.diffusion.Sampler`);
 classifier-free guidance is one batched call on [cond, uncond]. The pipeline holds the models'
 configs and params and composes them; it is built from a diffusers UnCLIPPipeline directory
-(`UnCLIPPipeline.from_diffusers`) or from components.
+(`UnCLIPPipeline.from_diffusers`), from a workdir of trained stages (`from_workdir`) or from
+components. The upsamplers run in order, each one step of the cascade (`unclip_jax.cascade`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unclip_jax import cascade
+from unclip_jax.cascade import UpsamplerStep
 from unclip_jax.compile_cache import enable_compilation_cache
 from unclip_jax.convert.diffusers_pipeline import load_components
 from unclip_jax.diffusion import GaussianDiffusion, Sampler, StageSampling
@@ -124,11 +127,17 @@ class UnCLIPPipeline:
     `dtype="bfloat16"` computes every network in bf16 with bf16 weights (norms, softmax and the
     sampler's arithmetic stay float32): the fast path on GPUs and TPUs. `attention_impl="cudnn"`
     uses cuDNN's fused attention on NVIDIA GPUs (bf16/fp16 only).
+
+    The upsamplers form a cascade, `pipe.upsamplers` (a list of `UpsamplerStep`): step 0 is
+    `super_res_first` (with Karlo's `super_res_last` for its final timestep, or given as an
+    UpsamplerStep), the steps of `more_upsamplers` (Components or UpsamplerSteps) follow in
+    order; `image_size` is the last step's.
     """
 
     def __init__(self, tokenizer, text_encoder: tuple[Any, Any], prior: Component,
-                 decoder: Component, super_res_first: Component | None,
+                 decoder: Component, super_res_first: Component | UpsamplerStep | None,
                  super_res_last: Component | None = None, *,
+                 more_upsamplers: Sequence[Component | UpsamplerStep] = (),
                  prior_candidates: int = 2, progress: bool = True, dtype: str | None = None,
                  attention_impl: str | None = None, data_parallel: bool = False):
         if dtype is not None and dtype not in COMPUTE_DTYPES:
@@ -147,7 +156,11 @@ class UnCLIPPipeline:
 
         text_encoder = _with_compute(*text_encoder, dtype, attention_impl)
         prior, decoder = cast(prior), cast(decoder)
-        super_res_first, super_res_last = cast(super_res_first), cast(super_res_last)
+        chain = _cascade(super_res_first, super_res_last, more_upsamplers)
+        chain = [UpsamplerStep(cast(u.first), cast(u.last), u.low_res_size) for u in chain]
+        cascade.check_chain(decoder.config.unet.sample_size,
+                            [(f"upsampler step {j}", u.low_res_size, u.sample_size)
+                             for j, u in enumerate(chain)])
         self.dtype = dtype or "float32"
         # data-parallel sampling: the batch split over this process's devices, params replicated
         self._mesh = None
@@ -157,7 +170,7 @@ class UnCLIPPipeline:
         self.tokenizer = tokenizer
         self.text_config, self.text_params = text_encoder
         self.prior, self.decoder = prior, decoder
-        self.super_res_first, self.super_res_last = super_res_first, super_res_last
+        self.upsamplers: list[UpsamplerStep] = chain
         self.prior_candidates = prior_candidates
         self.progress = progress
         self.context_length = min(int(self.text_config.max_position_embeddings),
@@ -171,10 +184,11 @@ class UnCLIPPipeline:
         dec_diffusion = GaussianDiffusion(decoder.sampling.diffusion)
         self._decoder_x0 = jax.jit(lambda p, x, t, c: dec_diffusion.p_mean_variance(
             self._decoder_fn(p, x, t, c), x, t, clip_x0=decoder.sampling.clip_x0)["x0"])
-        self._sr_first_fn = (super_res_denoiser(super_res_first.config)
-                             if super_res_first is not None else None)
-        self._sr_last_fn = (super_res_denoiser(super_res_last.config)
-                            if super_res_last is not None else None)
+        # (first, last) denoisers of each cascade step; step 0's also as _sr_first_fn / _last_fn
+        self._sr_fns = [(super_res_denoiser(u.first.config),
+                         None if u.last is None else super_res_denoiser(u.last.config))
+                        for u in chain]
+        self._sr_first_fn, self._sr_last_fn = self._sr_fns[0] if chain else (None, None)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -192,8 +206,9 @@ class UnCLIPPipeline:
 
     @classmethod
     def from_workdir(cls, workdir: str, *, upsampler: bool = True, **kw) -> "UnCLIPPipeline":
-        """Build from stages trained here: WORKDIR/{clip,prior,decoder,upsampler}/ (EMA params),
-        each sampled as its stage record says (`unclip_jax.workdir`).
+        """Build from stages trained here: WORKDIR/{clip,prior,decoder}/ and the upsampler
+        cascade WORKDIR/upsampler, upsampler2, ... (EMA params), each sampled as its stage
+        record says (`unclip_jax.workdir`); `upsampler=False`: no upsampler at all.
 
         The CLIP vision tower is kept as `pipe.clip` (for evaluation and image manipulations).
         """
@@ -202,16 +217,30 @@ class UnCLIPPipeline:
         enable_compilation_cache()  # before the checkpoints' restore compiles anything
         st = load_stack(workdir, upsampler=upsampler)
         part = lambda s: Component(s.config, s.params, s.sampling)  # noqa: E731
+        chain = [UpsamplerStep(part(u), None, u.record.data.get("low_res_size"))
+                 for u in st.upsamplers]
         pipe = cls(st.tokenizer, (st.clip.text_config, st.clip.text_params), part(st.prior),
-                   part(st.decoder), part(st.upsampler) if st.upsampler else None, **kw)
+                   part(st.decoder), chain[0] if chain else None,
+                   more_upsamplers=chain[1:], **kw)
         pipe.clip = st.clip
         return pipe
 
     @property
+    def super_res_first(self) -> Component | None:
+        """The (first) network of the cascade's step 0; None without upsamplers."""
+        return self.upsamplers[0].first if self.upsamplers else None
+
+    @property
+    def super_res_last(self) -> Component | None:
+        """Karlo's network for the final timestep of step 0, if it has one."""
+        return self.upsamplers[0].last if self.upsamplers else None
+
+    @property
     def image_size(self) -> int:
-        if self.super_res_first is None:
+        """The side of the images made: the last upsampler's, else the decoder's."""
+        if not self.upsamplers:
             return self.decoder.config.unet.sample_size
-        return self.super_res_first.config.sample_size
+        return self.upsamplers[-1].sample_size
 
     @property
     def decoder_guidance_default(self) -> float:
@@ -222,19 +251,21 @@ class UnCLIPPipeline:
 
     # ------------------------------------------------------------------ pieces
     def _sampler(self, stage: str, steps: int, coefficient_dtype: str, method: str | None = None,
-                 eta: float | None = None, clip: bool = True) -> Sampler:
-        """The stage's sampler; method / eta None: the stage's defaults (StageSampling)."""
-        st = {"prior": self.prior, "decoder": self.decoder,
-              "super_res": self.super_res_first}[stage]
-        key = (stage, steps, coefficient_dtype, method, eta, clip)
+                 eta: float | None = None, clip: bool = True, step: int = 0) -> Sampler:
+        """The stage's sampler ("super_res": that of cascade step `step`); method / eta None:
+        the stage's defaults (StageSampling)."""
+        sampling = (self.upsamplers[step].sampling if stage == "super_res"
+                    else {"prior": self.prior, "decoder": self.decoder}[stage].sampling)
+        key = (stage, step, steps, coefficient_dtype, method, eta, clip)
         if key not in self._samplers:
-            fn = {"prior": self._prior_fn, "decoder": self._decoder_fn}.get(stage)
-            if fn is None:
-                last_t = int(Sampler.for_stage(None, st.sampling, steps).timesteps[-1])
-                fn = self._super_res_fn(last_t)
+            if stage == "super_res":
+                last_t = int(Sampler.for_stage(None, sampling, steps).timesteps[-1])
+                fn, label = self._super_res_fn(step, last_t), cascade.step_name(step)
+            else:
+                fn, label = {"prior": self._prior_fn, "decoder": self._decoder_fn}[stage], stage
             self._samplers[key] = Sampler.for_stage(
-                fn, st.sampling, steps, method=method, eta=eta, clip=clip,
-                coefficient_dtype=coefficient_dtype, progress=stage if self.progress else False)
+                fn, sampling, steps, method=method, eta=eta, clip=clip,
+                coefficient_dtype=coefficient_dtype, progress=label if self.progress else False)
         return self._samplers[key]
 
     def _run(self, name: str, sampler: Sampler, params, x, cond, uncond=None, **kw):
@@ -256,8 +287,8 @@ class UnCLIPPipeline:
             kw["rng"] = jax.device_put(kw["rng"], NamedSharding(mesh, P()))
         return sampler(self._replicated[name], put(x), put(cond), put(uncond), **kw)
 
-    def _super_res_fn(self, last_t: int):
-        first, last = self._sr_first_fn, self._sr_last_fn
+    def _super_res_fn(self, step: int, last_t: int):
+        first, last = self._sr_fns[step]
         if last is None:
             return lambda params, x, t, c: first(params["first"], x, t, c)
 
@@ -283,23 +314,29 @@ class UnCLIPPipeline:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: str | Sequence[str], *, seed: int = 0, prior_steps: int = 25,
-                 decoder_steps: int = 25, super_res_steps: int = 7, prior_guidance: float = 4.0,
-                 decoder_guidance: float | None = None,
-                 num_images_per_prompt: int = 1) -> np.ndarray:
+                 decoder_steps: int = 25, super_res_steps: int | Sequence[int] = 7,
+                 prior_guidance: float = 4.0, decoder_guidance: float | None = None,
+                 num_images_per_prompt: int = 1,
+                 super_res_method: str | Sequence[str | None] | None = None) -> np.ndarray:
         """Images for the prompts, uint8 [len(prompts) * num_images_per_prompt, H, W, 3].
 
-        `decoder_guidance` None: the decoder's recorded default (`decoder_guidance_default`)."""
+        `decoder_guidance` None: the decoder's recorded default (`decoder_guidance_default`).
+        `super_res_steps`: one int for every upsampler step, or one per step (the paper: 27, 15);
+        `super_res_method`: None (each step's recorded method), 'ddpm' / 'ddim' for every step,
+        or one per step (None entries: the record's)."""
         out = self.generate_float(prompts, seed=seed, prior_steps=prior_steps,
                                   decoder_steps=decoder_steps, super_res_steps=super_res_steps,
                                   prior_guidance=prior_guidance,
                                   decoder_guidance=decoder_guidance,
-                                  num_images_per_prompt=num_images_per_prompt)
+                                  num_images_per_prompt=num_images_per_prompt,
+                                  super_res_method=super_res_method)
         return _uint8_images(out["images"])
 
     def generate_batches(self, prompts: str | Sequence[str], *, num_images_per_prompt: int = 1,
                          batch_size: int = 8, seed: int = 0, prior_steps: int = 25,
-                         decoder_steps: int = 25, super_res_steps: int = 7,
-                         prior_guidance: float = 4.0, decoder_guidance: float | None = None):
+                         decoder_steps: int = 25, super_res_steps: int | Sequence[int] = 7,
+                         prior_guidance: float = 4.0, decoder_guidance: float | None = None,
+                         super_res_method: str | Sequence[str | None] | None = None):
         """The images of `generate`'s request made `batch_size` at a time: yields (start, uint8
         images [b, H, W, 3]) in generate()'s order (each prompt's images together), so memory
         stays flat however many images are asked for.
@@ -312,7 +349,7 @@ class UnCLIPPipeline:
         """
         prompts, decoder_guidance = self._checked_request(
             prompts, prior_steps, decoder_steps, super_res_steps, prior_guidance,
-            decoder_guidance, num_images_per_prompt)
+            decoder_guidance, num_images_per_prompt, super_res_method)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
                 or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -321,7 +358,7 @@ class UnCLIPPipeline:
         base = jax.random.key(seed)
         kw = dict(prior_steps=prior_steps, decoder_steps=decoder_steps,
                   super_res_steps=super_res_steps, prior_guidance=prior_guidance,
-                  decoder_guidance=decoder_guidance)
+                  decoder_guidance=decoder_guidance, super_res_method=super_res_method)
 
         def chunks():  # a generator inside: the checks above run at the call, not at next()
             for start in range(0, total, b):
@@ -335,35 +372,41 @@ class UnCLIPPipeline:
         return chunks()
 
     def _checked_request(self, prompts, prior_steps, decoder_steps, super_res_steps,
-                         prior_guidance, decoder_guidance, num_images_per_prompt):
+                         prior_guidance, decoder_guidance, num_images_per_prompt,
+                         super_res_method=None):
         """(validated prompts, decoder guidance with the decoder's default filled in)."""
         if decoder_guidance is None:
             decoder_guidance = self.decoder_guidance_default
-        prompts = _validate(prompts, dict(prior_steps=prior_steps, decoder_steps=decoder_steps,
-                                          super_res_steps=super_res_steps),
+        prompts = _validate(prompts, dict(prior_steps=prior_steps, decoder_steps=decoder_steps),
                             dict(prior_guidance=prior_guidance, decoder_guidance=decoder_guidance),
                             num_images_per_prompt)
+        cascade.steps_per_step(super_res_steps, len(self.upsamplers))
+        cascade.methods_per_step(super_res_method, len(self.upsamplers))
         return prompts, decoder_guidance
 
     def generate_float(self, prompts, *, seed: int = 0, prior_steps: int = 25,
-                       decoder_steps: int = 25, super_res_steps: int = 7,
+                       decoder_steps: int = 25, super_res_steps: int | Sequence[int] = 7,
                        prior_guidance: float = 4.0, decoder_guidance: float | None = None,
                        num_images_per_prompt: int = 1, prior_candidates: int | None = None,
                        latents: dict | None = None, noise: dict | None = None,
-                       coefficient_dtype: str = "float64", row_keys=None) -> dict[str, Any]:
+                       coefficient_dtype: str = "float64", row_keys=None,
+                       super_res_method: str | Sequence[str | None] | None = None
+                       ) -> dict[str, Any]:
         """The whole pipeline in float: returns dict(images [N, H, W, 3] in [0, 1],
         image_embeds [N, E], low_res [N, h, w, 3] in [-1, 1]).
 
         `latents` / `noise` (dicts keyed 'prior', 'decoder', 'super_res') replace the initial
         latents and the per-step noise that are otherwise drawn from `seed` — used to compare
-        with a reference implementation step for step. `coefficient_dtype="float32"` reproduces
-        diffusers' float32 scheduler arithmetic (see SamplingConfig). `row_keys`, a batch of
-        keys [N] (one an image), replaces `seed`: each image then draws its latents and noise
-        from its own key, whatever the batch around it (`generate_batches`).
+        with a reference implementation step for step ('super_res': step 0's array, or a list
+        with one entry per cascade step, see `sample_super_res`). `coefficient_dtype="float32"`
+        reproduces diffusers' float32 scheduler arithmetic (see SamplingConfig). `row_keys`, a
+        batch of keys [N] (one an image), replaces `seed`: each image then draws its latents and
+        noise from its own key, whatever the batch around it (`generate_batches`).
+        `super_res_steps` / `super_res_method`: as in `generate`.
         """
         prompts, decoder_guidance = self._checked_request(
             prompts, prior_steps, decoder_steps, super_res_steps, prior_guidance,
-            decoder_guidance, num_images_per_prompt)
+            decoder_guidance, num_images_per_prompt, super_res_method)
         k = self.prior_candidates if prior_candidates is None else prior_candidates
         if k < 1:
             raise ValueError(f"prior_candidates must be >= 1, got {k}")
@@ -389,10 +432,11 @@ class UnCLIPPipeline:
             guidance=decoder_guidance if guided else 1.0, rng=keys[1],
             latents=latents.get("decoder"), noise=noise.get("decoder"),
             coefficient_dtype=coefficient_dtype)
-        if self.super_res_first is None:
+        if not self.upsamplers:
             images = low_res * 0.5 + 0.5
         else:
-            images = self.sample_super_res(low_res, steps=super_res_steps, rng=keys[2],
+            images = self.sample_super_res(low_res, steps=super_res_steps,
+                                           method=super_res_method, rng=keys[2],
                                            latents=latents.get("super_res"),
                                            noise=noise.get("super_res"),
                                            coefficient_dtype=coefficient_dtype)
@@ -478,37 +522,80 @@ class UnCLIPPipeline:
         dc, _ = self._decoder_inputs(image_embeds, cond, None)
         return sampler.invert(self.decoder.params, images, dc)
 
-    def sample_super_res(self, low_res, *, steps: int = 7, rng=None, latents=None, noise=None,
-                         coefficient_dtype: str = "float64"):
-        """Upsample decoder images [N, h, w, 3] in [-1, 1] -> images [N, H, W, 3] in [0, 1].
-        An upsampler trained with noise augmentation sees its input noised to the level its stage
-        records (noise from fold_in(rng, 2)) and that level as conditioning."""
-        scfg = self.super_res_first.config
-        size = scfg.sample_size
+    def sample_super_res(self, low_res, *, steps: int | Sequence[int] = 7,
+                         method: str | Sequence[str | None] | None = None, rng=None,
+                         latents=None, noise=None, coefficient_dtype: str = "float64"):
+        """Upsample decoder images [N, h, w, 3] in [-1, 1] through the whole cascade -> images
+        [N, H, W, 3] in [0, 1]. `steps` / `method`: one for every step or one per step (method
+        None: each step's record). `latents` / `noise`: None, step 0's array, or one entry per
+        step. Step j draws from `cascade.step_key(rng, j)` (step 0 from `rng` itself)."""
+        n = len(self.upsamplers)
+        if n == 0:
+            raise ValueError("this pipeline has no upsampler")
+        steps = cascade.steps_per_step(steps, n, "steps")
+        methods = cascade.methods_per_step(method, n, "method")
+        latents = cascade.arrays_per_step(latents, n, "latents")
+        noise = cascade.arrays_per_step(noise, n, "noise")
+        rng = jax.random.key(0) if rng is None else rng
+        x = low_res
+        for j in range(n):  # the cascade's steps (each one jitted scan over its timesteps)
+            x = self.sample_upsampler(j, x, steps=steps[j], method=methods[j],
+                                      rng=cascade.step_key(rng, j), latents=latents[j],
+                                      noise=noise[j], coefficient_dtype=coefficient_dtype)
+        return jnp.clip(x * 0.5 + 0.5, 0.0, 1.0)
+
+    def sample_upsampler(self, step: int, low_res, *, steps: int = 7, method: str | None = None,
+                         rng=None, latents=None, noise=None, coefficient_dtype: str = "float64"):
+        """One cascade step: images [N, h, w, 3] in [-1, 1] -> [N, H, W, 3] in [-1, 1], sampled
+        as the step's record says (`method` None) or with 'ddpm' / 'ddim'. An upsampler trained
+        with noise augmentation sees its input noised to the level its stage records (noise from
+        fold_in(rng, 2)) and that level as conditioning."""
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) \
+                or not 0 <= step < len(self.upsamplers):
+            raise ValueError(f"step must be a cascade step, 0 to {len(self.upsamplers) - 1}, "
+                             f"got {step!r}")
+        up = self.upsamplers[step]
+        if up.low_res_size is not None and tuple(low_res.shape[1:3]) != (up.low_res_size,) * 2:
+            raise ValueError(f"upsampler step {step} takes {up.low_res_size}x{up.low_res_size} "
+                             f"images, got an input of shape {tuple(low_res.shape)}")
+        size = up.sample_size
         n = low_res.shape[0]
-        sampler = self._sampler("super_res", steps, coefficient_dtype)
+        sampler = self._sampler("super_res", steps, coefficient_dtype, method, step=step)
         x = latents
         if x is None:
             x = random_normal(_fold(rng, 0), (n, size, size, 3))
-        params = {"first": self.super_res_first.params}
-        if self.super_res_last is not None:
-            params["last"] = self.super_res_last.params
         cond = {}
-        if any(c is not None and c.config.noise_level_cond
-               for c in (self.super_res_first, self.super_res_last)):
+        if up.noise_level_cond:
             # trained with noise augmentation: the low-res input noised to the recorded level,
             # which the network is told (Imagen's / the paper's conditioning augmentation)
-            level = int(self.super_res_first.sampling.noise_level)
+            level = int(up.sampling.noise_level)
             if level:
-                diffusion = GaussianDiffusion(self.super_res_first.sampling.diffusion)
+                diffusion = GaussianDiffusion(up.sampling.diffusion)
                 low_res = diffusion.q_sample(
                     low_res, jnp.full((n,), level, jnp.int32),
                     random_normal(_fold(rng, 2), low_res.shape))
             cond["noise_level"] = jnp.full((n,), level, jnp.int32)
         cond["low_res"] = upsample_input(low_res, size, "bicubic")
-        x = self._run("super_res", sampler, params, x, cond,
+        x = self._run(cascade.step_name(step), sampler, up.params, x, cond,
                       rng=_fold(rng, 1), noise=noise)
-        return jnp.clip(x * 0.5 + 0.5, 0.0, 1.0)
+        return jnp.clip(x, -1.0, 1.0)
+
+
+def _cascade(first, last, more) -> list[UpsamplerStep]:
+    """The upsampler steps of the constructor's arguments, in order."""
+    if first is None:
+        if last is not None or len(more):
+            raise ValueError("super_res_last / more_upsamplers need a super_res_first (the "
+                             "cascade's step 0)")
+        return []
+    if isinstance(first, UpsamplerStep):
+        if last is not None:
+            raise ValueError("super_res_first given as an UpsamplerStep holds its own last "
+                             "network: pass super_res_last=None")
+        steps = [first]
+    else:
+        steps = [UpsamplerStep(first, last)]
+    return steps + [u if isinstance(u, UpsamplerStep) else UpsamplerStep(u) for u in more]
 
 
 def _uint8_images(images) -> np.ndarray:

@@ -1,11 +1,13 @@
 """A trained stage on disk, and a whole trained stack: one record, one reader, one writer.
 
 A workdir holds one directory a stage, ``WORKDIR/{clip,prior,decoder,upsampler}/``, each with
-``config.json`` (the :class:`StageRecord`) and ``checkpoints/<step>/`` (Orbax). The trainer writes
-the record (``StageRecord.write``); everything that loads a stage reads it here: the typed model
-config, the diffusion it was trained with and how to sample it (:class:`StageSampling`), the data
-facts sampling needs (an upsampler's input size and noise-augmentation level) and the paths it was
-trained against (tokenizer, CLIP). Records written before this layout (version 1) are read too.
+``config.json`` (the :class:`StageRecord`) and ``checkpoints/<step>/`` (Orbax); the upsampler
+cascade continues in ``WORKDIR/upsampler2/``, ``upsampler3/``, ... (sampled in that order). The
+trainer writes the record (``StageRecord.write``); everything that loads a stage reads it here:
+the typed model config, the diffusion it was trained with and how to sample it
+(:class:`StageSampling`), the data facts sampling needs (an upsampler's input size and
+noise-augmentation level) and the paths it was trained against (tokenizer, CLIP). Records
+written before this layout (version 1) are read too.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import functools
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -390,35 +393,80 @@ def load_frozen_clip(path: str) -> FrozenCLIP:
 # ------------------------------------------------------------------------------ a whole stack
 @dataclasses.dataclass
 class Stack:
-    """Every stage of a workdir, loaded: the tokenizer, CLIP, prior, decoder and upsampler."""
+    """Every stage of a workdir, loaded: the tokenizer, CLIP, prior, decoder and the upsampler
+    cascade (`upsamplers`, in sampling order; `upsampler` is the first)."""
 
     tokenizer: Any
     clip: FrozenCLIP
     prior: TrainedStage
     decoder: TrainedStage
-    upsampler: TrainedStage | None
+    upsamplers: list[TrainedStage] = dataclasses.field(default_factory=list)
+
+    @property
+    def upsampler(self) -> TrainedStage | None:
+        return self.upsamplers[0] if self.upsamplers else None
 
 
 def stage_dir(workdir: str, stage: str) -> str:
     return os.path.join(workdir, stage)
 
 
+def upsampler_dir_name(j: int) -> str:
+    """The directory of cascade step j under a workdir: upsampler, upsampler2, upsampler3, ..."""
+    return "upsampler" if j == 0 else f"upsampler{j + 1}"
+
+
+def upsampler_chain(workdir: str) -> list[str]:
+    """The upsampler directories of a workdir in cascade order: upsampler, then upsampler2,
+    upsampler3, ... while they exist. A later one past a missing one is refused (it would be
+    silently left out)."""
+    names = [upsampler_dir_name(0)]
+    while os.path.isdir(stage_dir(workdir, upsampler_dir_name(len(names)))):
+        names.append(upsampler_dir_name(len(names)))
+    try:
+        entries = os.listdir(workdir)
+    except OSError:
+        entries = []
+    stray = sorted(int(m.group(1)) for m in map(re.compile(r"upsampler([1-9][0-9]*)").fullmatch,
+                                                entries)
+                   if m and int(m.group(1)) > len(names) and os.path.isdir(
+                       stage_dir(workdir, m.group(0))))
+    if stray:
+        missing = upsampler_dir_name(len(names))
+        raise RecordError(f"{workdir} has upsampler{stray[0]}/ but no {missing}/: the cascade "
+                          f"runs upsampler, upsampler2, upsampler3, ... in order; train "
+                          f"{missing} (--config.stage_dir={missing}) or rename the directories")
+    return names
+
+
+def _train_hint(workdir: str, name: str, stage: str) -> str:
+    where = "" if name == stage else f" --config.stage_dir={name}"
+    return (f"`unclip-jax train --config configs/{stage}.py:size=...{where} "
+            f"--workdir {workdir}`")
+
+
 def load_stack(workdir: str, *, upsampler: bool = True) -> Stack:
-    """Load WORKDIR/{clip,prior,decoder,upsampler}/ (EMA params); a missing stage is named with
-    the command that trains it. Every stage's record and the tokenizer are read first, so a
-    swapped, garbled or missing one fails before any checkpoint is read or anything compiled."""
+    """Load WORKDIR/{clip,prior,decoder}/ and, with `upsampler`, the cascade WORKDIR/upsampler,
+    upsampler2, ... (EMA params); a missing stage is named with the command that trains it.
+    Every stage's record and the tokenizer are read first, so a swapped, garbled or missing one,
+    or an upsampler chain whose sizes do not follow on, fails before any checkpoint is read or
+    anything compiled."""
+    from unclip_jax.cascade import check_chain
     from unclip_jax.data.tokenizer import load_tokenizer
 
-    def need(stage):
-        d = stage_dir(workdir, stage)
+    def need(name, stage=None):
+        d = stage_dir(workdir, name)
         if not has_checkpoints(d):
-            raise FileNotFoundError(
-                f"{workdir} has no trained {stage} stage: train it with `unclip-jax train "
-                f"--config configs/{stage}.py:size=... --workdir {workdir}`")
+            raise FileNotFoundError(f"{workdir} has no trained {name} stage: train it with "
+                                    f"{_train_hint(workdir, name, stage or name)}")
         return d
 
-    stages = ("clip", "prior", "decoder") + (("upsampler",) if upsampler else ())
-    records = {s: read_record(need(s), expect=s) for s in stages}
+    records = {s: read_record(need(s), expect=s) for s in ("clip", "prior", "decoder")}
+    ups = upsampler_chain(workdir) if upsampler else []
+    up_records = [read_record(need(u, "upsampler"), expect="upsampler") for u in ups]
+    check_chain(records["decoder"].model_config().unet.sample_size,
+                [(f"{workdir}/{u}", r.data.get("low_res_size"), r.model_config().sample_size)
+                 for u, r in zip(ups, up_records)], error=RecordError)
     tok_path = records["clip"].paths.get("tokenizer")
     if not tok_path:
         raise RecordError(f"the CLIP stage in {workdir} records no tokenizer")
@@ -426,5 +474,5 @@ def load_stack(workdir: str, *, upsampler: bool = True) -> Stack:
     clip = load_frozen_clip(need("clip"))
     prior = load_stage(need("prior"), expect="prior")
     decoder = load_stage(need("decoder"), expect="decoder")
-    up = load_stage(need("upsampler"), expect="upsampler") if upsampler else None
-    return Stack(tokenizer, clip, prior, decoder, up)
+    chain = [load_stage(need(u, "upsampler"), expect="upsampler") for u in ups]
+    return Stack(tokenizer, clip, prior, decoder, chain)

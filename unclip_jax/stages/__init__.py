@@ -21,5 +21,6 @@ def build_stage(config, workdir: str | None = None):
 
 def train_stage(config, workdir: str, **kw):
     """Build `config.stage` and train it with the one trainer (`unclip_jax.train.trainer.train`)
-    into WORKDIR/<stage>/; keyword arguments go to the trainer."""
+    into WORKDIR/<stage>/ (or WORKDIR/<config.stage_dir>/); keyword arguments go to the
+    trainer."""
     return train(build_stage(config, workdir), config, workdir, **kw)

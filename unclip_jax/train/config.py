@@ -119,6 +119,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     """The keys every stage's config has."""
     c = ml_collections.ConfigDict()
     c.stage = stage
+    # the directory under the workdir it trains into; "" = the stage's name (a second
+    # upsampler of the cascade: "upsampler2", see unclip_jax.workdir.load_stack)
+    c.stage_dir = ""
     c.seed = 0
     c.batch_size = 32  # global
     c.grad_accum = 1

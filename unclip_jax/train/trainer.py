@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import time
 from typing import Any
@@ -71,9 +72,34 @@ def _init_seed(seed: int) -> int:
     return (int(seed) + 1 + 2 ** 63) % 2 ** 64 - 2 ** 63
 
 
+#: config.stage_dir: one plain directory name under the workdir
+_DIR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def stage_dir_name(config, default: str | None = None) -> str:
+    """The directory under the workdir a stage trains into: `config.stage_dir` (e.g.
+    "upsampler2", the cascade's second upsampler), else the stage's name (`default`, else
+    `config.stage`). A name that is not one plain directory name, or that is another stage's
+    directory, is refused."""
+    stage = default or config.get("stage") or ""
+    name = config.get("stage_dir") or ""
+    if not name:
+        return stage
+    if not isinstance(name, str) or not _DIR_NAME.fullmatch(name) or name.strip(".") == "":
+        raise ValueError(f"config.stage_dir must be one plain directory name under the workdir "
+                         f"(letters, digits, '_', '-', '.'; e.g. upsampler2), got {name!r}")
+    from unclip_jax.workdir import STAGES
+
+    if name in STAGES and name != stage:
+        raise ValueError(f"config.stage_dir {name!r} is where the {name} stage trains: the "
+                         f"{stage} stage cannot train there (e.g. use {stage}2)")
+    return name
+
+
 def check_config(config) -> None:
     """The checks of a training config that need no devices (the CLI runs them before it builds
     the stage, which may already write into the workdir)."""
+    stage_dir_name(config)
     seed = config.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
             or not 0 <= int(seed) <= SEED_MAX:
@@ -254,8 +280,8 @@ def _model_flops_per_device(stage, config, params_abs, batch_abs, frozen) -> flo
 
 def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
           progress: bool = True, devices=None, on_log=None) -> TrainResult:
-    """Train `stage` (built from `config`) into WORKDIR/<stage>/, resuming from its newest
-    checkpoint.
+    """Train `stage` (built from `config`) into WORKDIR/<stage>/ (WORKDIR/<config.stage_dir>/
+    when that is set, e.g. upsampler2), resuming from its newest checkpoint.
 
     `stop_at_step` ends the run at that step with a checkpoint, as a preemption would.
     `devices` restricts the mesh to these devices (default: all). Throughput figures (steps/s,
@@ -290,7 +316,7 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
     total = int(config.total_steps)
 
     # ---- stage
-    stage_dir = os.path.join(workdir, stage.name)
+    stage_dir = os.path.join(workdir, stage_dir_name(config, stage.name))
     ckpt = StageCheckpointer(stage_dir, stage.record(),
                              keep=int(config.checkpoint.keep), every=int(config.checkpoint.every),
                              async_save=bool(config.checkpoint.get("async_save", True)))
