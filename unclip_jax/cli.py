@@ -111,6 +111,14 @@ def _finite(text: str) -> float:
     return value
 
 
+def _temperature(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0 (the AR prior's softmax "
+                                         f"temperature), got {text}")
+    return value
+
+
 def _guidance(text: str) -> float:
     """A classifier-free guidance scale w (out_u + w (out_c - out_u)): 1 is unguided."""
     value = _finite(text)
@@ -208,6 +216,19 @@ def _load_pipeline(args, progress=True):
     return UnCLIPPipeline.from_workdir(args.workdir, progress=progress)
 
 
+def _check_ar_prior(args) -> None:
+    """--prior ar needs a workdir with a trained AR prior: one line saying how to get one."""
+    from unclip_jax.workdir import has_checkpoints, stage_dir
+
+    if args.pipeline:
+        raise ValueError("--prior ar needs --workdir with a trained AR prior (a diffusers "
+                         "pipeline has none)")
+    if args.workdir and not has_checkpoints(stage_dir(args.workdir, "ar_prior")):
+        raise ValueError(f"{args.workdir} has no trained ar_prior stage: train it with "
+                         f"`unclip-jax train --config configs/ar_prior.py:size=... "
+                         f"--workdir {args.workdir}`")
+
+
 def _check_prompts(prompts):
     for p in prompts:
         if p and not p.strip():
@@ -238,12 +259,15 @@ def _cmd_sample(args) -> int:
                                          "--out-dir DIR (no grid unless --out is given too)")
     if args.out_dir:
         _check_out_dir(args.out_dir, "--out-dir")
+    if args.prior == "ar":
+        _check_ar_prior(args)
     if args.rerank and args.pipeline:
         raise ValueError("--rerank needs the CLIP image tower: use --workdir, not --pipeline")
     pipe = _load_pipeline(args, progress=not args.quiet)
     kw = dict(prior_steps=args.prior_steps, decoder_steps=args.decoder_steps,
               super_res_steps=args.super_res_steps, prior_guidance=args.prior_guidance,
-              decoder_guidance=args.decoder_guidance, super_res_method=args.super_res_method)
+              decoder_guidance=args.decoder_guidance, super_res_method=args.super_res_method,
+              prior=args.prior, ar_temperature=args.ar_temperature, ar_top_k=args.ar_top_k)
     if args.rerank:
         if getattr(pipe, "clip", None) is None:
             raise ValueError("--rerank needs the CLIP image tower: use --workdir")
@@ -324,6 +348,29 @@ def _cmd_eval(args) -> int:
           f"{res['prior']['text_embedding_cosine_baseline']:.3f}); faithfulness csp single "
           f"{f['single']['csp']:.2f} two {f['two']['csp']:.2f} heldout {f['heldout']['csp']:.2f}; "
           f"wrote {args.workdir}/report.md")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from unclip_jax.pipeline import UnCLIPPipeline
+    from unclip_jax.shapes_demo.compare import VARIANTS, compare, table, write_outputs
+
+    _check_workdir(args.workdir)  # it writes compare.{json,md,png} there
+    variants = tuple(v.strip() for v in args.variants.split(",")) if args.variants else VARIANTS
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"--variants: unknown variant {bad[0]!r}; choose from "
+                         f"{', '.join(VARIANTS)}")
+    if "ar_prior" in variants:
+        _check_ar_prior(argparse.Namespace(pipeline=None, workdir=args.workdir))
+    pipe = UnCLIPPipeline.from_workdir(args.workdir, progress=False)
+    res = compare(pipe, variants=variants, n_single=args.single, n_two=args.two,
+                  n_heldout=args.heldout, n_diversity=args.diversity,
+                  per_prompt=args.per_prompt, grid_prompts=args.grid_prompts, seed=args.seed,
+                  batch=args.batch_size, progress=not args.quiet)
+    paths = write_outputs(args.workdir, res)
+    print(table(res))
+    print(f"wrote {paths['md']}, {paths['json']} and {paths['png']}")
     return 0
 
 
@@ -434,6 +481,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--super-res-method", type=_method_per_step, default=None,
                    help="ddpm or ddim for every upsampler, or a comma list with one per step; "
                         "default: what each upsampler records")
+    s.add_argument("--prior", choices=["diffusion", "ar"], default="diffusion",
+                   help="which prior draws the CLIP image embedding: the diffusion prior "
+                        "(WORKDIR/prior) or the autoregressive one (WORKDIR/ar_prior, --workdir "
+                        "only); default diffusion")
+    s.add_argument("--ar-temperature", type=_temperature, default=None,
+                   help="the AR prior's softmax temperature (> 0); default: what it records")
+    s.add_argument("--ar-top-k", type=_positive, default=None,
+                   help="sample the AR prior's codes from the k most likely buckets; default: "
+                        "what it records (all)")
     s.add_argument("--prior-guidance", type=_guidance, default=4.0,
                    help="classifier-free guidance scale (>= 1; 1 = none)")
     s.add_argument("--decoder-guidance", type=_guidance, default=None,
@@ -466,6 +522,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts per sampling call (the numbers are those of this batch size: "
                         "each chunk of prompts draws from its own key; default 64)")
     e.set_defaults(func=_cmd_eval)
+
+    c = sub.add_parser("compare", help="the paper's comparison of priors on a trained shapes "
+                                       "stack (writes compare.md / .json / .png)")
+    c.add_argument("--workdir", required=True)
+    c.add_argument("--variants", default="",
+                   help="comma list of diffusion_prior, ar_prior, text_embedding, caption_only "
+                        "(default: all four)")
+    c.add_argument("--seed", type=_seed_nonneg, default=0)
+    c.add_argument("--single", type=size, default=64, help="single-object prompts")
+    c.add_argument("--two", type=size, default=32, help="two-object prompts")
+    c.add_argument("--heldout", type=size, default=32, help="held-out-combination prompts")
+    c.add_argument("--diversity", type=size, default=8,
+                   help="prompts whose samples measure diversity")
+    c.add_argument("--per-prompt", type=_int_in(2, 16), default=4,
+                   help="samples per diversity prompt")
+    c.add_argument("--grid-prompts", type=_int_in(1, 16), default=8,
+                   help="prompts (columns) of compare.png")
+    c.add_argument("--batch-size", type=_positive, default=64,
+                   help="prompts per sampling call (default 64)")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=_cmd_compare)
 
     def manip(name, help_):
         m = sub.add_parser(name, help=help_)

@@ -20,6 +20,7 @@ import numpy as np
 
 from unclip_jax import cascade
 from unclip_jax.cascade import UpsamplerStep
+from unclip_jax.ar_sampling import ARPriorComponent
 from unclip_jax.compile_cache import enable_compilation_cache
 from unclip_jax.convert.diffusers_pipeline import load_components
 from unclip_jax.diffusion import GaussianDiffusion, Sampler, StageSampling
@@ -31,6 +32,8 @@ from unclip_jax.models.clip import CLIPTextModelWithProjection
 from unclip_jax.models.prior import denormalize_embedding
 from unclip_jax.models.unet import super_res_denoiser, upsample_input
 
+#: the priors `generate(..., prior=...)` can sample
+PRIORS = ("diffusion", "ar")
 #: the decoder's guidance scale when neither the call nor the stage names one (Karlo's)
 DEFAULT_DECODER_GUIDANCE = 8.0
 
@@ -139,7 +142,8 @@ class UnCLIPPipeline:
                  super_res_last: Component | None = None, *,
                  more_upsamplers: Sequence[Component | UpsamplerStep] = (),
                  prior_candidates: int = 2, progress: bool = True, dtype: str | None = None,
-                 attention_impl: str | None = None, data_parallel: bool = False):
+                 attention_impl: str | None = None, data_parallel: bool = False,
+                 ar_prior: ARPriorComponent | None = None):
         if dtype is not None and dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
         if attention_impl not in (None, "xla", "cudnn"):
@@ -170,6 +174,10 @@ class UnCLIPPipeline:
         self.tokenizer = tokenizer
         self.text_config, self.text_params = text_encoder
         self.prior, self.decoder = prior, decoder
+        if ar_prior is not None:  # the autoregressive prior: generate(..., prior="ar")
+            cfg, params = _with_compute(ar_prior.config, ar_prior.params, dtype, attention_impl)
+            ar_prior = dataclasses.replace(ar_prior, config=cfg, params=params)
+        self.ar_prior = ar_prior
         self.upsamplers: list[UpsamplerStep] = chain
         self.prior_candidates = prior_candidates
         self.progress = progress
@@ -210,18 +218,21 @@ class UnCLIPPipeline:
         cascade WORKDIR/upsampler, upsampler2, ... (EMA params), each sampled as its stage
         record says (`unclip_jax.workdir`); `upsampler=False`: no upsampler at all.
 
-        The CLIP vision tower is kept as `pipe.clip` (for evaluation and image manipulations).
+        The CLIP vision tower is kept as `pipe.clip` (for evaluation and image manipulations);
+        a trained WORKDIR/ar_prior/ is loaded as `pipe.ar_prior` (`generate(..., prior="ar")`).
         """
-        from unclip_jax.workdir import load_stack
+        from unclip_jax.workdir import has_checkpoints, load_stack, stage_dir
 
         enable_compilation_cache()  # before the checkpoints' restore compiles anything
         st = load_stack(workdir, upsampler=upsampler)
         part = lambda s: Component(s.config, s.params, s.sampling)  # noqa: E731
         chain = [UpsamplerStep(part(u), None, u.record.data.get("low_res_size"))
                  for u in st.upsamplers]
+        ar_dir = stage_dir(workdir, "ar_prior")
+        ar = ARPriorComponent.from_stage_dir(ar_dir) if has_checkpoints(ar_dir) else None
         pipe = cls(st.tokenizer, (st.clip.text_config, st.clip.text_params), part(st.prior),
                    part(st.decoder), chain[0] if chain else None,
-                   more_upsamplers=chain[1:], **kw)
+                   more_upsamplers=chain[1:], ar_prior=ar, **kw)
         pipe.clip = st.clip
         return pipe
 
@@ -317,26 +328,34 @@ class UnCLIPPipeline:
                  decoder_steps: int = 25, super_res_steps: int | Sequence[int] = 7,
                  prior_guidance: float = 4.0, decoder_guidance: float | None = None,
                  num_images_per_prompt: int = 1,
-                 super_res_method: str | Sequence[str | None] | None = None) -> np.ndarray:
+                 super_res_method: str | Sequence[str | None] | None = None,
+                 prior: str = "diffusion", ar_temperature: float | None = None,
+                 ar_top_k: int | None = None) -> np.ndarray:
         """Images for the prompts, uint8 [len(prompts) * num_images_per_prompt, H, W, 3].
 
         `decoder_guidance` None: the decoder's recorded default (`decoder_guidance_default`).
         `super_res_steps`: one int for every upsampler step, or one per step (the paper: 27, 15);
         `super_res_method`: None (each step's recorded method), 'ddpm' / 'ddim' for every step,
-        or one per step (None entries: the record's)."""
+        or one per step (None entries: the record's).
+        `prior`: "diffusion" (WORKDIR/prior) or "ar" (the autoregressive prior, `pipe.ar_prior`,
+        guided by `prior_guidance` too; `ar_temperature` / `ar_top_k` None: its recorded
+        defaults; `prior_steps` is the diffusion prior's)."""
         out = self.generate_float(prompts, seed=seed, prior_steps=prior_steps,
                                   decoder_steps=decoder_steps, super_res_steps=super_res_steps,
                                   prior_guidance=prior_guidance,
                                   decoder_guidance=decoder_guidance,
                                   num_images_per_prompt=num_images_per_prompt,
-                                  super_res_method=super_res_method)
+                                  super_res_method=super_res_method, prior=prior,
+                                  ar_temperature=ar_temperature, ar_top_k=ar_top_k)
         return _uint8_images(out["images"])
 
     def generate_batches(self, prompts: str | Sequence[str], *, num_images_per_prompt: int = 1,
                          batch_size: int = 8, seed: int = 0, prior_steps: int = 25,
                          decoder_steps: int = 25, super_res_steps: int | Sequence[int] = 7,
                          prior_guidance: float = 4.0, decoder_guidance: float | None = None,
-                         super_res_method: str | Sequence[str | None] | None = None):
+                         super_res_method: str | Sequence[str | None] | None = None,
+                         prior: str = "diffusion", ar_temperature: float | None = None,
+                         ar_top_k: int | None = None):
         """The images of `generate`'s request made `batch_size` at a time: yields (start, uint8
         images [b, H, W, 3]) in generate()'s order (each prompt's images together), so memory
         stays flat however many images are asked for.
@@ -349,7 +368,8 @@ class UnCLIPPipeline:
         """
         prompts, decoder_guidance = self._checked_request(
             prompts, prior_steps, decoder_steps, super_res_steps, prior_guidance,
-            decoder_guidance, num_images_per_prompt, super_res_method)
+            decoder_guidance, num_images_per_prompt, super_res_method, prior, ar_temperature,
+            ar_top_k)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
                 or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -358,7 +378,8 @@ class UnCLIPPipeline:
         base = jax.random.key(seed)
         kw = dict(prior_steps=prior_steps, decoder_steps=decoder_steps,
                   super_res_steps=super_res_steps, prior_guidance=prior_guidance,
-                  decoder_guidance=decoder_guidance, super_res_method=super_res_method)
+                  decoder_guidance=decoder_guidance, super_res_method=super_res_method,
+                  prior=prior, ar_temperature=ar_temperature, ar_top_k=ar_top_k)
 
         def chunks():  # a generator inside: the checks above run at the call, not at next()
             for start in range(0, total, b):
@@ -373,8 +394,17 @@ class UnCLIPPipeline:
 
     def _checked_request(self, prompts, prior_steps, decoder_steps, super_res_steps,
                          prior_guidance, decoder_guidance, num_images_per_prompt,
-                         super_res_method=None):
+                         super_res_method=None, prior="diffusion", ar_temperature=None,
+                         ar_top_k=None):
         """(validated prompts, decoder guidance with the decoder's default filled in)."""
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {', '.join(map(repr, PRIORS))}, got {prior!r}")
+        if prior == "ar":
+            if self.ar_prior is None:
+                raise ValueError("this pipeline has no AR prior: train one into the workdir with "
+                                 "`unclip-jax train --config configs/ar_prior.py:size=... "
+                                 "--workdir W`")
+            self.ar_prior.options(ar_temperature, ar_top_k)
         if decoder_guidance is None:
             decoder_guidance = self.decoder_guidance_default
         prompts = _validate(prompts, dict(prior_steps=prior_steps, decoder_steps=decoder_steps),
@@ -390,8 +420,9 @@ class UnCLIPPipeline:
                        num_images_per_prompt: int = 1, prior_candidates: int | None = None,
                        latents: dict | None = None, noise: dict | None = None,
                        coefficient_dtype: str = "float64", row_keys=None,
-                       super_res_method: str | Sequence[str | None] | None = None
-                       ) -> dict[str, Any]:
+                       super_res_method: str | Sequence[str | None] | None = None,
+                       prior: str = "diffusion", ar_temperature: float | None = None,
+                       ar_top_k: int | None = None) -> dict[str, Any]:
         """The whole pipeline in float: returns dict(images [N, H, W, 3] in [0, 1],
         image_embeds [N, E], low_res [N, h, w, 3] in [-1, 1]).
 
@@ -402,11 +433,12 @@ class UnCLIPPipeline:
         reproduces diffusers' float32 scheduler arithmetic (see SamplingConfig). `row_keys`, a
         batch of keys [N] (one an image), replaces `seed`: each image then draws its latents and
         noise from its own key, whatever the batch around it (`generate_batches`).
-        `super_res_steps` / `super_res_method`: as in `generate`.
+        `super_res_steps` / `super_res_method` / `prior` / `ar_*`: as in `generate`.
         """
         prompts, decoder_guidance = self._checked_request(
             prompts, prior_steps, decoder_steps, super_res_steps, prior_guidance,
-            decoder_guidance, num_images_per_prompt, super_res_method)
+            decoder_guidance, num_images_per_prompt, super_res_method, prior, ar_temperature,
+            ar_top_k)
         k = self.prior_candidates if prior_candidates is None else prior_candidates
         if k < 1:
             raise ValueError(f"prior_candidates must be >= 1, got {k}")
@@ -422,11 +454,16 @@ class UnCLIPPipeline:
         keys = [_fold(rng, i) for i in range(3)]
         cond, uncond = self.text_conditioning(prompts, num_images_per_prompt)
         guided = prior_guidance > 1.0 or decoder_guidance > 1.0  # as diffusers decides
-        image_embeds = self.sample_prior(
-            cond, uncond if guided else None, steps=prior_steps,
-            guidance=prior_guidance if guided else 1.0, rng=keys[0], candidates=k,
-            latents=latents.get("prior"), noise=noise.get("prior"),
-            coefficient_dtype=coefficient_dtype)
+        if prior == "ar":
+            image_embeds = self.sample_ar_prior(
+                cond, uncond if guided else None, guidance=prior_guidance if guided else 1.0,
+                rng=keys[0], candidates=k, temperature=ar_temperature, top_k=ar_top_k)
+        else:
+            image_embeds = self.sample_prior(
+                cond, uncond if guided else None, steps=prior_steps,
+                guidance=prior_guidance if guided else 1.0, rng=keys[0], candidates=k,
+                latents=latents.get("prior"), noise=noise.get("prior"),
+                coefficient_dtype=coefficient_dtype)
         low_res = self.sample_decoder(
             image_embeds, cond, uncond if guided else None, steps=decoder_steps,
             guidance=decoder_guidance if guided else 1.0, rng=keys[1],
@@ -482,16 +519,42 @@ class UnCLIPPipeline:
         z = denormalize_embedding(z, pcfg, self.prior.params)
         return _pick_closest(z.reshape(n, k, -1), cond["text_embed"]) if k > 1 else z
 
-    def _decoder_inputs(self, image_embeds, cond, uncond):
-        return decoder_lib.guided_cond(image_embeds, cond, uncond)
+    def sample_ar_prior(self, cond, uncond=None, *, guidance: float = 4.0, rng,
+                        candidates: int = 1, temperature: float | None = None,
+                        top_k: int | None = None, dot_quantiles=None):
+        """CLIP image embeddings [N, E] from the autoregressive prior (`ARPriorComponent.sample`:
+        a dot-product bucket from the recorded quantile range, codes from the KV-cached sampler,
+        the codebook's decode); with candidates k > 1 the one closest to the text embedding of k
+        draws is kept, as for the diffusion prior."""
+        if self.ar_prior is None:
+            raise ValueError("this pipeline has no AR prior (train configs/ar_prior.py into the "
+                             "workdir)")
+        n, k = cond["text_embed"].shape[0], candidates
+        rep = lambda t: None if t is None else {  # noqa: E731
+            key: jnp.repeat(v, k, axis=0) for key, v in t.items()}
+        if is_key_batch(rng) and k > 1:  # one key a row of the n * k candidates
+            rng = jax.vmap(lambda r: jax.vmap(lambda c: jax.random.fold_in(r, c))(
+                jnp.arange(k)))(rng).reshape(n * k)
+        z = self.ar_prior.sample(rep(cond), rep(uncond), guidance=guidance, rng=rng,
+                                 temperature=temperature, top_k=top_k,
+                                 dot_quantiles=dot_quantiles)
+        return _pick_closest(z.reshape(n, k, -1), cond["text_embed"]) if k > 1 else z
+
+    def _decoder_inputs(self, image_embeds, cond, uncond, null_image: bool = False):
+        dc, du = decoder_lib.guided_cond(image_embeds, cond, uncond)
+        if null_image:  # conditioned on the caption alone: the learned null image embedding
+            dc = dict(dc, null_image=jnp.ones_like(dc["null_image"]))
+        return dc, du
 
     def sample_decoder(self, image_embeds, cond, uncond=None, *, steps: int = 25,
                        guidance: float | None = None, rng=None, latents=None, noise=None,
                        method: str | None = None, eta: float | None = None, clip: bool = True,
-                       coefficient_dtype: str = "float64"):
+                       coefficient_dtype: str = "float64", null_image: bool = False):
         """Decoder images [N, h, w, 3] in [-1, 1] for CLIP image embeddings (+ text).
         guidance / method / eta None: the decoder's defaults (StageSampling). `clip=False`
-        samples without clipping x0 (to mirror an unclipped DDIM inversion)."""
+        samples without clipping x0 (to mirror an unclipped DDIM inversion). `null_image`:
+        the conditional branch too gets the learned null image embedding (`image_embeds`
+        unused): the caption alone conditions the image, GLIDE-like."""
         if guidance is None:
             guidance = self.decoder_guidance_default
         dcfg = self.decoder.config.unet
@@ -500,7 +563,7 @@ class UnCLIPPipeline:
         x = latents
         if x is None:
             x = random_normal(_fold(rng, 0), (n, dcfg.sample_size, dcfg.sample_size, 3))
-        dc, du = self._decoder_inputs(image_embeds, cond, uncond)
+        dc, du = self._decoder_inputs(image_embeds, cond, uncond, null_image)
         x = self._run("decoder", sampler, self.decoder.params, x, dc, du,
                       rng=_fold(rng, 1), guidance_scale=guidance, noise=noise)
         return jnp.clip(x, -1.0, 1.0)

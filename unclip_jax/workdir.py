@@ -30,7 +30,7 @@ from unclip_jax.models.clip import (
 
 RECORD_FILE = "config.json"
 RECORD_VERSION = 2
-STAGES = ("clip", "prior", "decoder", "upsampler")
+STAGES = ("clip", "prior", "ar_prior", "decoder", "upsampler")
 PATH_KEYS = ("tokenizer", "clip_dir")
 #: what `load_stage(which=...)` reads of a checkpoint's training state
 PARAM_TREES = ("ema_params", "params")
@@ -41,12 +41,13 @@ class RecordError(ValueError):
 
 
 def _model_config_class(stage: str):
+    from unclip_jax.models.ar_prior import ARPriorConfig
     from unclip_jax.models.decoder import DecoderConfig
     from unclip_jax.models.prior import PriorConfig
     from unclip_jax.models.unet import UNetConfig
 
-    return {"clip": CLIPConfig, "prior": PriorConfig, "decoder": DecoderConfig,
-            "upsampler": UNetConfig}[stage]
+    return {"clip": CLIPConfig, "prior": PriorConfig, "ar_prior": ARPriorConfig,
+            "decoder": DecoderConfig, "upsampler": UNetConfig}[stage]
 
 
 def absolute_path(p: str) -> str:
@@ -204,6 +205,10 @@ def abstract_params(record: StageRecord):
         from unclip_jax.models.prior import init_params
 
         return init_params(cfg)
+    if record.stage == "ar_prior":
+        from unclip_jax.models.ar_prior import abstract_boxed_params
+
+        return nn.meta.unbox(abstract_boxed_params(cfg))
     if record.stage == "decoder":
         from unclip_jax.models.decoder import Decoder, decoder_init_inputs
 

@@ -6,7 +6,7 @@ import importlib
 
 from unclip_jax.train.trainer import train
 
-STAGES = ("clip", "prior", "decoder", "upsampler")
+STAGES = ("clip", "prior", "ar_prior", "decoder", "upsampler")
 
 
 def build_stage(config, workdir: str | None = None):
