@@ -188,6 +188,13 @@ def test_compare_writes_the_table_and_grid(stack, tmp_path):
         assert r["seconds_per_image"] > 0 and r["diversity"] >= 0
         assert (r["prior_cosine"] is None) == (v in ("text_embedding", "caption_only"))
     assert res["real_images"] == {"single": 1.0, "two": 1.0, "heldout": 1.0}
+    from unclip_jax.pipeline import UnCLIPPipeline
+    from unclip_jax.shapes_demo.evaluate import Evaluator, eval_sets
+
+    single = eval_sets(2, 1, 1, 0)["single"]  # the real images' CLIP score, recomputed
+    ev = Evaluator(UnCLIPPipeline.from_workdir(w, progress=False))
+    assert res["real_images_clip_score"] == pytest.approx(
+        ev.clip_score(single["images"], single["prompts"]), abs=1e-4)
     md = open(os.path.join(w, "compare.md")).read()
     assert "(b) AR prior" in md and "![the variants](compare.png)" in md
     from PIL import Image

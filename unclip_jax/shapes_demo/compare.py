@@ -154,6 +154,8 @@ def compare(pipe, *, variants=VARIANTS, n_single: int = 64, n_two: int = 32,
                   flush=True)
     res["real_images"] = {name: faithfulness(s["images"], s["scenes"])["csp"]
                           for name, s in sets.items()}
+    res["real_images_clip_score"] = cmp.ev.clip_score(sets["single"]["images"],
+                                                      sets["single"]["prompts"])
     res["_grid"] = (np.concatenate(grid_images), grid_caps)
     return res
 
@@ -177,7 +179,7 @@ def table(res: dict) -> str:
                      f"| {r['diversity']:.1f} | {r['seconds_per_image']:.3f} |")
     ri = res["real_images"]
     lines.append(f"| real images | {_pct(ri['single'])} | {_pct(ri['two'])} | "
-                 f"{_pct(ri['heldout'])} | | | | |")
+                 f"{_pct(ri['heldout'])} | {res['real_images_clip_score']:.1f} | | | |")
     return "\n".join(lines)
 
 
