@@ -206,7 +206,7 @@ def test_bogus_which_and_stage_names(stack):
     with pytest.raises(ValueError, match=r"which must be one of 'ema_params', 'params'.*'bogus'"):
         load_stage(os.path.join(stack, "prior"), which="bogus")
     with pytest.raises(ValueError, match=r"expect must be a stage name, one of clip, prior, "
-                                         r"decoder, upsampler; got 'priorr'"):
+                                         r"ar_prior, decoder, upsampler; got 'priorr'"):
         load_stage(os.path.join(stack, "prior"), expect="priorr")
     assert load_stage(os.path.join(stack, "prior"), which="params").step == 4  # the valid ones
     assert tree_hash(stack) == before
