@@ -50,7 +50,8 @@ import numpy as np
 import optax
 
 from unclip_jax.models import layers
-from unclip_jax.models.prior import stack_block_params, unstack_block_params
+from unclip_jax.models.prior import (FeedForward, SelfAttention, stack_block_params,
+                                     unstack_block_params)
 
 __all__ = ["ARPriorConfig", "ARPrior", "ARBlock", "init_params", "abstract_boxed_params",
            "stack_block_params", "unstack_block_params", "loss_fn", "logits_fn", "sample",
@@ -157,59 +158,6 @@ def _dt(name: str):
 # blocks
 
 
-class _Attention(nn.Module):
-    """Multi-head self-attention. Without a cache: causal over the sequence (``mask`` hides
-    padding keys). With a cache (k, v) [B, T_max, heads, head_dim]: the new tokens' keys and
-    values are written at ``index`` and the queries attend to the whole cache under ``mask``
-    [B, 1, T_new, T_max] (which must hide the positions not yet written)."""
-
-    config: ARPriorConfig
-
-    @nn.compact
-    def __call__(self, x, mask, cache, index, *, train: bool):
-        c = self.config
-        dt, pdt = _dt(c.dtype), _dt(c.param_dtype)
-        b, t, _ = x.shape
-
-        def proj(name):
-            y = layers.Dense(c.width, kernel_axes=("embed", "heads"), dtype=dt, param_dtype=pdt,
-                             name=name)(x)
-            return layers.constrain(y.reshape(b, t, c.num_heads, c.head_dim),
-                                    ("batch", "length", "heads", "kv"))
-
-        q, k, v = proj("to_q"), proj("to_k"), proj("to_v")
-        if cache is not None:
-            ck, cv = cache
-            start = (0, index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-            ck = layers.constrain(ck, ("batch", "length", "heads", "kv"))
-            cv = layers.constrain(cv, ("batch", "length", "heads", "kv"))
-            cache, k, v = (ck, cv), ck, cv
-        o = layers.attention(q, k, v, mask=mask, is_causal=cache is None,
-                             implementation=c.attention_impl)
-        o = o.reshape(b, t, c.width)
-        o = layers.Dense(c.width, kernel_axes=("heads", "embed"), dtype=dt, param_dtype=pdt,
-                         name="to_out")(o)
-        return nn.Dropout(c.dropout, deterministic=not train)(o), cache
-
-
-class _FeedForward(nn.Module):
-    config: ARPriorConfig
-
-    @nn.compact
-    def __call__(self, x, *, train: bool):
-        c = self.config
-        dt, pdt = _dt(c.dtype), _dt(c.param_dtype)
-        h = layers.Dense(c.width * c.mlp_ratio, kernel_axes=("embed", "mlp"), dtype=dt,
-                         param_dtype=pdt, name="proj_in")(x)
-        h = nn.gelu(h, approximate=False)
-        h = layers.constrain(h, ("batch", "length", "mlp"))
-        h = nn.Dropout(c.dropout, deterministic=not train)(h)
-        return layers.Dense(c.width, kernel_axes=("mlp", "embed"), dtype=dt, param_dtype=pdt,
-                            name="proj_out")(h)
-
-
 class ARBlock(nn.Module):
     """Pre-LN transformer block: x + attn(LN(x)); x + ff(LN(x)). Returns (x, cache)."""
 
@@ -220,10 +168,10 @@ class ARBlock(nn.Module):
         c = self.config
         dt, pdt = _dt(c.dtype), _dt(c.param_dtype)
         h = layers.layer_norm("norm1", c.layer_norm_eps, dt, pdt)(x).astype(dt)
-        a, cache = _Attention(c, name="attn")(h, mask, cache, index, train=train)
+        a, cache = SelfAttention(c, name="attn")(h, mask, cache, index, train=train)
         x = layers.constrain(x + a, ("batch", "length", "embed"))
         h = layers.layer_norm("norm2", c.layer_norm_eps, dt, pdt)(x).astype(dt)
-        x = x + _FeedForward(c, name="ff")(h, train=train)
+        x = x + FeedForward(c, name="ff")(h, train=train)
         return layers.constrain(x, ("batch", "length", "embed")), cache
 
 

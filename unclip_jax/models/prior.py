@@ -155,11 +155,16 @@ def _dt(name: str):
     return jnp.dtype(name)
 
 
-class _Attention(nn.Module):
+class SelfAttention(nn.Module):
+    """Multi-head self-attention of the priors' blocks (this one's and the AR prior's), returning
+    (output, cache). Without a cache: causal over the sequence (``mask`` hides padding keys). With a cache (k, v) [B, T_max, heads, head_dim]: the new tokens' keys and
+    values are written at ``index`` and the queries attend to the whole cache under ``mask``
+    [B, 1, T_new, T_max] (which must hide the positions not yet written)."""
+
     config: PriorConfig
 
     @nn.compact
-    def __call__(self, x, mask, *, train: bool):
+    def __call__(self, x, mask, cache, index, *, train: bool):
         c = self.config
         dt, pdt = _dt(c.dtype), _dt(c.param_dtype)
         b, t, _ = x.shape
@@ -171,14 +176,25 @@ class _Attention(nn.Module):
                                     ("batch", "length", "heads", "kv"))
 
         q, k, v = proj("to_q"), proj("to_k"), proj("to_v")
-        o = layers.attention(q, k, v, mask=mask, is_causal=True, implementation=c.attention_impl)
+        if cache is not None:
+            ck, cv = cache
+            start = (0, index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+            ck = layers.constrain(ck, ("batch", "length", "heads", "kv"))
+            cv = layers.constrain(cv, ("batch", "length", "heads", "kv"))
+            cache, k, v = (ck, cv), ck, cv
+        o = layers.attention(q, k, v, mask=mask, is_causal=cache is None,
+                             implementation=c.attention_impl)
         o = o.reshape(b, t, c.width)
         o = layers.Dense(c.width, kernel_axes=("heads", "embed"), dtype=dt, param_dtype=pdt,
                          name="to_out")(o)
-        return nn.Dropout(c.dropout, deterministic=not train)(o)
+        return nn.Dropout(c.dropout, deterministic=not train)(o), cache
 
 
-class _FeedForward(nn.Module):
+class FeedForward(nn.Module):
+    """The blocks' GELU MLP (width -> mlp_ratio x width -> width)."""
+
     config: PriorConfig
 
     @nn.compact
@@ -204,10 +220,10 @@ class PriorBlock(nn.Module):
         c = self.config
         dt, pdt = _dt(c.dtype), _dt(c.param_dtype)
         h = layers.layer_norm("norm1", c.layer_norm_eps, dt, pdt)(x).astype(dt)
-        x = x + _Attention(c, name="attn")(h, mask, train=train)
+        x = x + SelfAttention(c, name="attn")(h, mask, None, None, train=train)[0]
         x = layers.constrain(x, ("batch", "length", "embed"))
         h = layers.layer_norm("norm2", c.layer_norm_eps, dt, pdt)(x).astype(dt)
-        x = x + _FeedForward(c, name="ff")(h, train=train)
+        x = x + FeedForward(c, name="ff")(h, train=train)
         return layers.constrain(x, ("batch", "length", "embed"))
 
 
