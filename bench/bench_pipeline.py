@@ -9,9 +9,11 @@ stack) and karlo (kakaobrain/karlo-v1-alpha's architecture, random weights). On 
 runs in --peer-dtype (float16 by default, as Karlo is usually run) and ours in --dtype.
 
 Prints both rates, the ratio, our compile time (first call minus a warm call), per-stage times,
-peak device memory of both (GPU), the model FLOPs per image (XLA's cost analysis of one call of
-each network, times the calls the samplers make) and the fraction of the device's peak that
-our time per image reaches. Appends one JSON line per run to --out (if given).
+peak device memory of both (GPU), the model FLOPs per image (the matrix products and
+convolutions of one call of each network, `flops.jaxpr_flops`, times the calls the samplers make)
+and the fraction of the device's peak-FLOP/s limit that each time per image reaches. Appends one
+JSON line per run to --out (if given). `run_bench` is the same run as a function
+(bench/gpu_suite.py calls it).
 """
 from __future__ import annotations
 
@@ -55,7 +57,28 @@ def main():
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--out", default="", help="append a JSON line with the results here")
     args = ap.parse_args()
+    res = run_bench(args.size, args.batch, repeats=args.repeats, dtype=args.dtype,
+                    peer_dtype=args.peer_dtype, attention=args.attention,
+                    skip_peer=args.skip_peer)
+    report(res)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(res) + "\n")
 
+
+def run_bench(size: str, batch: int, *, repeats: int = 2, dtype: str | None = None,
+              peer_dtype: str | None = None, attention: str | None = None,
+              skip_peer: bool = False, stage_times: bool = True, peak: float | None = None,
+              catch_peer: bool = False, progress=None, steps: dict | None = None) -> dict:
+    """Run the comparison and return its figures (the dict `report` prints and --out writes).
+
+    steps: sampling steps per stage (default STEPS: 25/25/7). peak: the device's peak FLOP/s
+    (default: train/flops.py's table; None on CPU). catch_peer: an exception of the peer's run
+    is recorded as res["peer_error"] instead of raised (ours are kept). progress(res) is called
+    after each measured phase with the figures so far (a caller with a time budget keeps what
+    was measured when it stops the run). On a GPU whose torch has no CUDA the peer is not run
+    (res["peer_error"] says why): a CPU peer is no comparison.
+    """
     import jax
     import torch
 
@@ -63,53 +86,78 @@ def main():
     from unclip_jax.pipeline import UnCLIPPipeline
     from unclip_jax.train.flops import peak_flops
 
-    gpu = jax.devices()[0].platform == "gpu"
+    progress = progress or (lambda r: None)
+    steps = dict(STEPS, **(steps or {}))
+    platform = jax.devices()[0].platform
     cuda = torch.cuda.is_available()
-    dtype = args.dtype or ("float32" if jax.devices()[0].platform == "cpu" else "bfloat16")
-    peer_dtype = args.peer_dtype or ("float16" if cuda else "float32")
+    dtype = dtype or ("float32" if platform == "cpu" else "bfloat16")
+    peer_dtype = peer_dtype or ("float16" if cuda else "float32")
     torch_dtype = getattr(torch, peer_dtype)
     torch.set_num_threads(os.cpu_count())
-    arch = KARLO if args.size == "karlo" else UnCLIPArch(**SIZES[args.size])
-    prompts = [f"a photo of thing number {i}" for i in range(args.batch)]
-    res = dict(size=args.size, batch=args.batch, dtype=dtype, peer_dtype=peer_dtype,
-               attention=args.attention or "default", device=jax.devices()[0].device_kind,
-               n_devices=jax.device_count())
+    arch = KARLO if size == "karlo" else UnCLIPArch(**SIZES[size])
+    prompts = [f"a photo of thing number {i}" for i in range(batch)]
+    res = dict(size=size, batch=batch, dtype=dtype, peer_dtype=peer_dtype,
+               attention=attention or "default", device=jax.devices()[0].device_kind,
+               platform=platform, n_devices=jax.device_count(),
+               peer_device="cuda" if cuda else "cpu", steps=steps, guidance=GUIDANCE)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         peer = unclip_pipeline(d, arch, seed=0, torch_dtype=torch_dtype,
                                device="cuda" if cuda else None,
-                               randomise_scale=None if args.size == "karlo" else 0.1)
+                               randomise_scale=None if size == "karlo" else 0.1)
         peer.set_progress_bar_config(disable=True)
         res["n_params"] = sum(p.numel() for m in (peer.prior, peer.decoder, peer.super_res_first,
                                                    peer.text_encoder, peer.text_proj)
                               for p in m.parameters())
-        print(f"built and saved the peer in {time.perf_counter() - t0:.1f} s", flush=True)
+        res["peer_build_s"] = time.perf_counter() - t0
+        print(f"built and saved the peer in {res['peer_build_s']:.1f} s", flush=True)
         t0 = time.perf_counter()
         ours = UnCLIPPipeline.from_diffusers(d, progress=False, prior_candidates=1, dtype=dtype,
-                                             attention_impl=args.attention)
-        print(f"imported into unclip_jax in {time.perf_counter() - t0:.1f} s", flush=True)
+                                             attention_impl=attention)
+        res["import_s"] = time.perf_counter() - t0
+        print(f"imported into unclip_jax in {res['import_s']:.1f} s", flush=True)
+    progress(res)
 
     def run_ours():
-        return ours.generate(prompts, seed=0, prior_steps=STEPS["prior"],
-                             decoder_steps=STEPS["decoder"], super_res_steps=STEPS["super_res"],
+        return ours.generate(prompts, seed=0, prior_steps=steps["prior"],
+                             decoder_steps=steps["decoder"], super_res_steps=steps["super_res"],
                              prior_guidance=GUIDANCE["prior"],
                              decoder_guidance=GUIDANCE["decoder"])
 
     t0 = time.perf_counter()
     run_ours()
     first = time.perf_counter() - t0
-    ours_t = min(_time(run_ours) for _ in range(args.repeats))
-    res.update(ours_s=ours_t, compile_s=first - ours_t)
-    res["stages_s"] = _stage_times(ours, prompts)
-    res["flops_per_image"] = _flops_per_image(ours, prompts)
-    res["ours_peak_gib"] = _jax_peak_gib()
-    peak = peak_flops()
+    ours_t = min(_time(run_ours) for _ in range(repeats))
+    res.update(ours_s=ours_t, ours_first_call_s=first, compile_s=first - ours_t,
+               ours_images_per_s=batch / ours_t, ours_peak_gib=_jax_peak_gib())
+    progress(res)
+    if stage_times:  # before the peer runs: torch's OpenMP threads spin on after its calls
+        res["stages_s"] = _stage_times(ours, prompts, steps)
+    res["flops_per_image"] = _flops_per_image(ours, prompts, steps)
+    peak = peak or peak_flops()
+    res["peak_flops"] = peak
     if peak and res["flops_per_image"]:
         limit = res["flops_per_image"] / peak
         res["limit_s_per_image"] = limit
-        res["fraction_of_limit"] = limit / (ours_t / args.batch)
+        res["fraction_of_limit"] = limit / (ours_t / batch)
+    progress(res)
 
-    if not args.skip_peer:
+    if not skip_peer:
+        _run_peer(res, peer, prompts, steps, repeats, catch_peer)
+        progress(res)
+    return res
+
+
+def _run_peer(res, peer, prompts, steps, repeats, catch_peer):
+    """Time diffusers' pipeline into `res` (peer_s, peer_peak_gib, ratio, ...)."""
+    import torch
+
+    cuda = res["peer_device"] == "cuda"
+    if res["platform"] != "cpu" and not cuda:
+        res["peer_error"] = (f"torch {torch.__version__} has no CUDA device: the peer would run "
+                             "on the CPU; not run")
+        return
+    try:
         if cuda:
             peer.to("cuda")
             torch.cuda.reset_peak_memory_stats()
@@ -117,9 +165,9 @@ def main():
         def run_peer():
             with torch.inference_mode():
                 g = torch.Generator("cuda" if cuda else "cpu").manual_seed(0)
-                out = peer(prompts, prior_num_inference_steps=STEPS["prior"],
-                           decoder_num_inference_steps=STEPS["decoder"],
-                           super_res_num_inference_steps=STEPS["super_res"],
+                out = peer(prompts, prior_num_inference_steps=steps["prior"],
+                           decoder_num_inference_steps=steps["decoder"],
+                           super_res_num_inference_steps=steps["super_res"],
                            prior_guidance_scale=GUIDANCE["prior"],
                            decoder_guidance_scale=GUIDANCE["decoder"],
                            generator=g, output_type="np").images
@@ -128,14 +176,21 @@ def main():
             return out
 
         run_peer()  # warm-up
-        res["peer_s"] = min(_time(run_peer) for _ in range(args.repeats))
-        if cuda:
-            res["peer_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-        res["ratio"] = res["peer_s"] / ours_t
-    _report(res)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(json.dumps(res) + "\n")
+        res["peer_s"] = min(_time(run_peer) for _ in range(repeats))
+    except Exception as e:  # noqa: BLE001 -- recorded for the caller that asked (catch_peer)
+        if not catch_peer:
+            raise
+        res["peer_error"] = f"{type(e).__name__}: " + (str(e).splitlines() or [""])[0][:300]
+        return
+    batch = res["batch"]
+    if cuda:
+        res["peer_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        if res.get("ours_peak_gib"):
+            res["peak_memory_ratio"] = res["ours_peak_gib"] / res["peer_peak_gib"]
+    res["peer_images_per_s"] = batch / res["peer_s"]
+    res["ratio"] = res["peer_s"] / res["ours_s"]  # = ours images/s / diffusers images/s
+    if res.get("limit_s_per_image"):
+        res["peer_fraction_of_limit"] = res["limit_s_per_image"] / (res["peer_s"] / batch)
 
 
 def _time(fn):
@@ -145,7 +200,7 @@ def _time(fn):
     return time.perf_counter() - t
 
 
-def _stage_times(pipe, prompts):
+def _stage_times(pipe, prompts, steps=STEPS):
     """Warm seconds of each stage of ours, run one after another (block_until_ready between)."""
     import jax
 
@@ -157,75 +212,90 @@ def _stage_times(pipe, prompts):
 
     k = jax.random.key(0)
     t_text, (cond, uncond) = timed(lambda: pipe.text_conditioning(prompts))
-    t_prior, emb = timed(lambda: pipe.sample_prior(cond, uncond, steps=STEPS["prior"],
+    t_prior, emb = timed(lambda: pipe.sample_prior(cond, uncond, steps=steps["prior"],
                                                    guidance=GUIDANCE["prior"], rng=k))
-    t_dec, low = timed(lambda: pipe.sample_decoder(emb, cond, uncond, steps=STEPS["decoder"],
+    t_dec, low = timed(lambda: pipe.sample_decoder(emb, cond, uncond, steps=steps["decoder"],
                                                    guidance=GUIDANCE["decoder"], rng=k))
-    t_sr, _ = timed(lambda: pipe.sample_super_res(low, steps=STEPS["super_res"], rng=k))
+    t_sr, _ = timed(lambda: pipe.sample_super_res(low, steps=steps["super_res"], rng=k))
     return dict(text=t_text, prior=t_prior, decoder=t_dec, super_res=t_sr)
 
 
-def _flops_per_image(pipe, prompts):
-    """Model FLOPs of one image: XLA's cost of one call of each network at this batch (the
-    guided ones on [cond, uncond]) times the number of calls the samplers make."""
+def _flops_per_image(pipe, prompts, steps=STEPS):
+    """Model FLOPs of one image: the matrix products and convolutions of one call of each
+    network at this batch (`flops.jaxpr_flops`, abstract: nothing is compiled; the guided
+    networks on [cond, uncond]) times the calls the samplers make. The text encoder's one call
+    is not counted. None when a network reports no FLOPs."""
     import jax
     import jax.numpy as jnp
 
-    from unclip_jax.train.flops import compiled_flops
+    from unclip_jax.train.flops import jaxpr_flops
 
     n = len(prompts)
     cond, uncond = pipe.text_conditioning(prompts)
     both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, uncond)
-
-    def cost(fn, *a):
-        return compiled_flops(jax.jit(fn).lower(*a).compile())
-
-    p = pipe.prior.config
     t2 = jnp.zeros((2 * n,), jnp.int32)
-    f_prior = cost(pipe._prior_fn, pipe.prior.params, jnp.zeros((2 * n, p.out_dim)), t2, both)
+    p = pipe.prior.config
+    f_prior = jaxpr_flops(pipe._prior_fn, pipe.prior.params, jnp.zeros((2 * n, p.out_dim)), t2,
+                          both)
     u = pipe.decoder.config.unet
     emb = jnp.zeros((n, cond["text_embed"].shape[1]))
     dc, du = pipe._decoder_inputs(emb, cond, uncond)
     dboth = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), dc, du)
-    f_dec = cost(pipe._decoder_fn, pipe.decoder.params,
-                 jnp.zeros((2 * n, u.sample_size, u.sample_size, 3)), t2, dboth)
-    s = pipe.super_res_first.config.sample_size
-    first = pipe._sr_first_model  # super_res_last has the same shape
-    f_sr = cost(lambda q, x, t: first.apply({"params": q}, x, t), pipe.super_res_first.params,
-                jnp.zeros((n, s, s, 6)), jnp.zeros((n,), jnp.int32))
-    if None in (f_prior, f_dec, f_sr):
+    f_dec = jaxpr_flops(pipe._decoder_fn, pipe.decoder.params,
+                        jnp.zeros((2 * n, u.sample_size, u.sample_size, 3)), t2, dboth)
+    total = steps["prior"] * f_prior + steps["decoder"] * f_dec
+    t1 = jnp.zeros((n,), jnp.int32)
+    for up, (first_fn, last_fn) in zip(pipe.upsamplers, pipe._sr_fns):  # the cascade's steps
+        s = up.sample_size
+        x = jnp.zeros((n, s, s, 3))
+        c = dict(low_res=x)
+        if up.noise_level_cond:
+            c["noise_level"] = t1
+        f_first = jaxpr_flops(first_fn, up.first.params, x, t1, c)
+        # Karlo's super_res_last takes the final timestep, super_res_first the others
+        f_last = f_first if last_fn is None else jaxpr_flops(last_fn, up.last.params, x, t1, c)
+        total += (steps["super_res"] - 1) * f_first + f_last
+        if not (f_first and f_last):
+            return None
+    if not (f_prior and f_dec):
         return None
-    return (STEPS["prior"] * f_prior + STEPS["decoder"] * f_dec + STEPS["super_res"] * f_sr) / n
+    return total / n
 
 
 def _jax_peak_gib():
     import jax
 
     try:
-        stats = jax.devices()[0].memory_stats() or {}
+        stats = jax.local_devices()[0].memory_stats() or {}
     except Exception:  # noqa: BLE001 -- CPU has none
         return None
     v = stats.get("peak_bytes_in_use")
     return v / 2 ** 30 if v else None
 
 
-def _report(r):
+def report(r):
     b = r["batch"]
     print(f"device: {r['device']} x {r['n_devices']}; size {r['size']} "
-          f"({r['n_params'] / 1e6:.0f} M parameters), batch {b}, steps 25/25/7, guidance 4/8")
-    st = r["stages_s"]
+          f"({r['n_params'] / 1e6:.0f} M parameters), batch {b}, steps "
+          + "/".join(str(v) for v in r["steps"].values()) + ", guidance "
+          + "/".join(f"{v:g}" for v in r["guidance"].values()))
+    st = r.get("stages_s") or {}
     print(f"unclip_jax ({r['dtype']}, attention {r['attention']}): {b / r['ours_s']:.3f} images/s "
-          f"({r['ours_s']:.2f} s per batch); compile {r['compile_s']:.1f} s; stages: "
-          + ", ".join(f"{k} {v:.2f} s" for k, v in st.items()))
+          f"({r['ours_s']:.2f} s per batch); compile {r['compile_s']:.1f} s"
+          + ("; stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in st.items()) if st else ""))
     if r.get("flops_per_image"):
-        print(f"model FLOPs per image: {r['flops_per_image'] / 1e12:.2f} TFLOP")
+        print(f"model FLOPs per image: {r['flops_per_image'] / 1e9:.4g} GFLOP")
     if r.get("fraction_of_limit"):
         print(f"peak-FLOP/s limit: {r['limit_s_per_image']:.3f} s per image; ours reaches "
               f"{100 * r['fraction_of_limit']:.1f}% of it")
     if "peer_s" in r:
+        frac = (f"; {100 * r['peer_fraction_of_limit']:.1f}% of the limit"
+                if r.get("peer_fraction_of_limit") else "")
         print(f"diffusers  ({r['peer_dtype']}): {b / r['peer_s']:.3f} images/s "
-              f"({r['peer_s']:.2f} s per batch)")
+              f"({r['peer_s']:.2f} s per batch){frac}")
         print(f"ratio      : {r['ratio']:.2f}x")
+    if r.get("peer_error"):
+        print(f"diffusers  : {r['peer_error']}")
     if r.get("ours_peak_gib") is not None or r.get("peer_peak_gib") is not None:
         print(f"peak device memory: unclip_jax {r.get('ours_peak_gib') or float('nan'):.2f} GiB, "
               f"diffusers {r.get('peer_peak_gib') or float('nan'):.2f} GiB")
