@@ -9,7 +9,14 @@ embeddings), for a sweep of batch sizes and remat settings.
 MFU = model FLOPs (3 x the forward pass's matrix products and convolutions, counted on its jaxpr
 by flops.jaxpr_flops — XLA's cost analysis counts a scanned layer once; recomputation under remat
 is not counted) / step time / the device's peak dense bf16 FLOP/s (train/flops.py). A batch that does
-not fit is reported as OOM; the sweep goes on. Appends one JSON line per point to --out.
+not fit is reported as OOM and the sweep goes on (larger batches of the same remat / scan are then
+skipped); --budget-s stops starting points once the next one would not fit in it. Appends one
+JSON line per point to --out. `sweep` / `run_point` are the same as functions (bench/gpu_suite.py).
+
+The parameters have the model's shapes and dtypes (`jax.eval_shape` of its init) filled with
+seeded noise on the host (`init_params`): a step's time does not depend on their values, and
+compiling the init itself (hundreds of threefry draws) took 40 s for the tiny decoder on a
+2-core CPU (one jitted fill with the unsafe_rbg generator still 13 s).
 """
 from __future__ import annotations
 
@@ -112,7 +119,41 @@ def build(stage: str, size: str, remat: str, scan: bool, attention: str | None):
     return cfg, init, loss, fwd_only, make_batch
 
 
-def run_point(stage, size, batch, remat, scan, attention, steps, compile_only=False):
+_HOST_PARAMS: dict = {}  # (treedef, shapes, seed) -> numpy leaves: one fill per structure
+
+
+def init_params(init, batch1, seed: int = 0):
+    """Params of `init`'s shapes and dtypes (abstract: `jax.eval_shape`, nothing compiled):
+    matrices / kernels N(0, 0.02^2) drawn by numpy, biases 0, other vectors (norm scales,
+    embedding statistics) 1. The host arrays are kept for the next point of the same structure
+    (a sweep's remat / batch points), which only copies them to the device."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    shapes = jax.eval_shape(init, jax.random.key(0), batch1)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    key = (treedef, tuple((s.shape, str(s.dtype)) for _, s in leaves), seed)
+    if key not in _HOST_PARAMS:
+        _HOST_PARAMS.clear()  # one structure at a time: Karlo's are GBs
+        gen = np.random.default_rng(seed)
+        host = []
+        for path, s in leaves:
+            if len(s.shape) >= 2:
+                v = gen.standard_normal(s.shape, dtype=np.float32)
+                v *= 0.02
+            else:
+                name = str(getattr(path[-1], "key", path[-1]))
+                v = np.full(s.shape, 0.0 if name == "bias" else 1.0, np.float32)
+            host.append(v)
+        _HOST_PARAMS[key] = host
+    return jax.tree_util.tree_unflatten(treedef, [
+        jnp.array(v, s.dtype) for v, (_, s) in zip(_HOST_PARAMS[key], leaves)])  # copies
+
+
+def run_point(stage, size, batch, remat, scan, attention, steps, compile_only=False, peak=None):
+    """One point of the sweep: compile the train step, run `steps` timed steps after a warm-up
+    one; a dict of its figures. peak: the device's peak FLOP/s (default train/flops.py's)."""
     import jax
     import optax
 
@@ -120,8 +161,9 @@ def run_point(stage, size, batch, remat, scan, attention, steps, compile_only=Fa
 
     cfg, init, loss, fwd_only, make_batch = build(stage, size, remat, scan, attention)
     rng = jax.random.key(0)
-    b = make_batch(rng, batch)
-    params = jax.jit(init)(rng, make_batch(rng, 1))
+    data_rng = jax.random.key(0, impl="unsafe_rbg")  # compiles in a fraction of threefry's time
+    b = jax.jit(make_batch, static_argnums=1)(data_rng, batch)
+    params = init_params(init, jax.tree.map(lambda a: a[:1], b))
     n_params = sum(x.size for x in jax.tree.leaves(params))
     tx = optax.adamw(1e-4, weight_decay=0.01)
     opt = tx.init(params)
@@ -151,7 +193,7 @@ def run_point(stage, size, batch, remat, scan, attention, steps, compile_only=Fa
         params, opt, l = compiled(params, opt, b, i + 1)
     jax.block_until_ready(l)
     dt = (time.perf_counter() - t0) / steps
-    peak = flops_lib.peak_flops()
+    peak = peak or flops_lib.peak_flops()
     model_flops = 3 * f_fwd if f_fwd else None
     return dict(stage=stage, size=size, batch=batch, remat=remat, scan=scan,
                 attention=attention or "default", n_params=n_params, step_s=dt,
@@ -161,6 +203,55 @@ def run_point(stage, size, batch, remat, scan, attention, steps, compile_only=Fa
                 mfu=model_flops / dt / peak if model_flops and peak else None,
                 temp_gib=mem.get("temp_mib", 0) / 1024, args_gib=mem.get("argument_mib", 0) / 1024,
                 device=jax.devices()[0].device_kind)
+
+
+def try_point(stage, size, batch, remat, scan, attention=None, steps=10, compile_only=False,
+              peak=None):
+    """run_point, with a failure (OOM or another error) returned as the point's `error`."""
+    try:
+        return run_point(stage, size, batch, remat, scan, attention, steps, compile_only, peak)
+    except Exception as e:  # noqa: BLE001 -- an OOM ends this point, not the sweep
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+        return dict(stage=stage, size=size, batch=batch, remat=remat, scan=scan,
+                    error="OOM" if oom else msg)
+
+
+def sweep(stage, size, points, *, attention=None, steps=10, compile_only=False, peak=None,
+          budget_s=None, on_row=None):
+    """try_point over `points` ((scan, remat, batch) tuples, in order) -> the rows. A point
+    larger than an OOM batch of the same scan / remat is skipped; with budget_s, a point is
+    started only while the time left exceeds the longest point so far (the first always
+    starts). Skipped points are rows with `skipped` (why). on_row(row) after each row."""
+    t0, longest, oom = time.perf_counter(), 0.0, {}
+    rows = []
+    for scan, remat, batch in points:
+        left = None if budget_s is None else budget_s - (time.perf_counter() - t0)
+        base = dict(stage=stage, size=size, batch=batch, remat=remat, scan=scan)
+        if (scan, remat) in oom and batch > oom[(scan, remat)]:
+            r = dict(base, skipped=f"larger than the OOM batch {oom[(scan, remat)]}")
+        elif left is not None and rows and left < longest:
+            r = dict(base, skipped=f"time budget: {left:.0f} s left, a point took up to "
+                                   f"{longest:.0f} s")
+        else:
+            t = time.perf_counter()
+            r = try_point(stage, size, batch, remat, scan, attention, steps, compile_only, peak)
+            r["wall_s"] = time.perf_counter() - t
+            longest = max(longest, r["wall_s"])
+            if r.get("error") == "OOM":
+                oom[(scan, remat)] = min(batch, oom.get((scan, remat), batch))
+        rows.append(r)
+        _print_row(r)
+        if on_row is not None:
+            on_row(r)
+    return rows
+
+
+def best_row(rows):
+    """The measured row with the most examples/s (= the best MFU: a stage's model FLOPs per
+    example do not depend on the batch), or None."""
+    ok = [r for r in rows if r.get("examples_per_s")]
+    return max(ok, key=lambda r: r["examples_per_s"]) if ok else None
 
 
 def main(argv=None):
@@ -174,32 +265,28 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--compile-only", action="store_true",
                     help="compile each point and report compile time and memory, run nothing")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no point once the time left is under the longest point's")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    rows = []
-    for scan in [s.strip().lower() == "true" for s in args.scan.split(",")]:
-        for remat in args.remat.split(","):
-            for batch in [int(x) for x in args.batch.split(",")]:
-                try:
-                    r = run_point(args.stage, args.size, batch, remat, scan, args.attention,
-                                  args.steps, args.compile_only)
-                except Exception as e:  # noqa: BLE001 -- an OOM ends this point, not the sweep
-                    msg = str(e).splitlines()[0][:160]
-                    oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
-                    r = dict(stage=args.stage, size=args.size, batch=batch, remat=remat,
-                             scan=scan, error="OOM" if oom else msg)
-                rows.append(r)
-                _print_row(r)
-                if args.out:
-                    with open(args.out, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(r) + "\n")
-    return rows
+    points = [(scan, remat, batch)
+              for scan in [s.strip().lower() == "true" for s in args.scan.split(",")]
+              for remat in args.remat.split(",")
+              for batch in [int(x) for x in args.batch.split(",")]]
+
+    def write(r):
+        if args.out:
+            with open(args.out, "a", encoding="utf-8") as f:
+                f.write(json.dumps(r) + "\n")
+
+    return sweep(args.stage, args.size, points, attention=args.attention, steps=args.steps,
+                 compile_only=args.compile_only, budget_s=args.budget_s, on_row=write)
 
 
 def _print_row(r):
     head = f"{r['stage']:9s} {r['size']:6s} batch {r['batch']:5d} remat {r['remat']:5s} scan {str(r['scan'])[0]}"
-    if "error" in r:
-        print(f"{head}  {r['error']}", flush=True)
+    if "error" in r or "skipped" in r:
+        print(f"{head}  {r.get('error') or 'skipped: ' + r['skipped']}", flush=True)
         return
     if "step_s" not in r:
         print(f"{head}  compile {r['compile_s']:.1f} s  temp {r['temp_gib']:.2f} GiB  args "

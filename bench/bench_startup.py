@@ -28,10 +28,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # the PyTorch peers live with the tests
 
-from bench_pipeline import SIZES  # noqa: E402  (this directory is on sys.path: a script)
 
-
-def _child_env(cache_dir: str, min_compile_time: str | None) -> dict[str, str]:
+def child_env(cache_dir: str, min_compile_time: str | None) -> dict[str, str]:
+    """This environment for a child process with its own compilation cache `cache_dir` (the
+    JAX cache of this shell and UNCLIP_JAX_* removed) and the repository on PYTHONPATH."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "UNCLIP_JAX_"))
            and k != "JAX_ENABLE_COMPILATION_CACHE"}
@@ -66,6 +66,8 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 
 def main():
+    from bench_pipeline import SIZES  # this directory is on sys.path: a script
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=[s for s in SIZES if SIZES[s]], default="small")
     ap.add_argument("--pipeline-dir", default="",
@@ -105,7 +107,7 @@ def main():
         for i, (key, name, cache_dir, extra) in enumerate(runs):
             out = ["--out", os.path.join(tmp, f"{i}.png")]
             res[f"{key}_s"], res[f"{key}_cpu_s"] = _run(
-                cmd + out + extra, _child_env(cache_dir, args.min_compile_time))
+                cmd + out + extra, child_env(cache_dir, args.min_compile_time))
             note = ""
             if key == "first":
                 res["cache_entries"], res["cache_bytes"] = _cache_size(cache)
