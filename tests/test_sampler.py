@@ -155,6 +155,32 @@ def test_last_ddpm_step_adds_no_noise(variance, final_alpha_bar, spacing, offset
     np.testing.assert_allclose(got, mean, atol=2e-5, rtol=1e-5)
 
 
+def test_an_out_of_range_learned_variance_leaves_the_last_step_finite():
+    """A learned_range variance output far above 1 (an untrained network's) overflows the log
+    variance interpolation to +inf where the posterior variance is ~0; the last DDPM step adds no
+    noise, so its result must be that step's posterior mean, finite (diffusers skips the noise
+    there too), not inf * 0 = NaN."""
+    diff = GaussianDiffusion(DiffusionConfig(prediction="eps", variance="learned_range"))
+    scfg = SamplingConfig(method="ddpm", steps=3, clip_x0=1.0)
+    t_last = int(Sampler(toy_model, diff, scfg).plan.t[-1])
+
+    def model(params, x, t, cond):  # in range, but 40 at the last step
+        v = jnp.where((t == t_last).reshape((-1, 1, 1, 1)), 40.0, 0.0) * jnp.ones_like(x)
+        return jnp.concatenate([toy_model(params, x, t, cond), v], axis=-1)
+
+    sampler = Sampler(model, diff, scfg)
+    x_T = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 3, 3)), jnp.float32)
+    # the interpolated log variance of the last step overflows in float32 ...
+    p = sampler.plan
+    frac = (40.0 + 1.0) / 2.0
+    last = np.float32(0.5) * (np.float32(frac) * np.float32(p.max_log[-1])
+                              + np.float32(1 - frac) * np.float32(p.min_log[-1]))
+    assert float(last) > 88.8  # exp overflows float32 above ~88.7
+    # ... and the run still ends on the last step's finite posterior mean
+    out = np.asarray(sampler({"w": jnp.asarray(W)}, x_T, None, rng=jax.random.key(0)))
+    assert np.isfinite(out).all()
+
+
 def _oracle(diff, x0_true, prediction):
     sab = jnp.asarray(diff.sqrt_alphas_cumprod, jnp.float32)
     s1m = jnp.asarray(diff.sqrt_one_minus_alphas_cumprod, jnp.float32)

@@ -309,7 +309,10 @@ def sample_loop(model_fn: ModelFn, params, x, cond, uncond, guidance_scale, rng,
                                       else jax.random.fold_in(rng, i), x.shape, x.dtype)
         if rule.learned_std:
             frac = (var_out + 1.0) / 2.0
-            std = jnp.exp(0.5 * (frac * p.max_log + (1.0 - frac) * p.min_log)) * p.noise_mask
+            # selected, not multiplied: a variance output far outside [-1, 1] (an untrained
+            # net) can overflow exp to inf at the noiseless last step, and inf * 0 is NaN
+            std = jnp.where(p.noise_mask > 0,
+                            jnp.exp(0.5 * (frac * p.max_log + (1.0 - frac) * p.min_log)), 0.0)
         else:
             std = p.std
         x_next = x_next + std * eps_noise
