@@ -3,7 +3,6 @@ analytic error bound, the KV-cache sampler against the cache-free reference toke
 guidance, scanned == unscanned layers, overfitting one batch, the paper's size compiled sharded
 over 8 virtual devices (abstractly), and bad input."""
 import dataclasses
-import time
 
 import flax.linen as nn
 import jax
@@ -419,11 +418,9 @@ def test_paper_size_compiles_sharded_fsdp():
 
     step = jax.jit(train_step_with_adam, in_shardings=(params_sh, opt_sh, batch_sh),
                    out_shardings=(params_sh, opt_sh, None, None), donate_argnums=(0, 1))
-    t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         lowered = step.lower(params_abs, opt_abs, batch_abs)
     compiled = lowered.compile()
-    elapsed = time.perf_counter() - t0
     out_params_sh = compiled.output_shardings[0]
     k = out_params_sh["blocks"]["ff"]["proj_in"]["dense"]["kernel"]
     assert k.spec == P(None, "fsdp", None) and k.mesh.shape["fsdp"] == 4
@@ -431,7 +428,6 @@ def test_paper_size_compiles_sharded_fsdp():
     per_device = sum(int(np.prod(s.shard_shape(x.shape))) for s, x in
                      zip(jax.tree.leaves(params_sh), jax.tree.leaves(params_abs)))
     assert per_device < 0.27 * n_params, per_device / n_params
-    assert elapsed < 120, elapsed
 
 
 def test_bad_inputs(tiny_params):

@@ -500,10 +500,7 @@ class UnCLIPPipeline:
         k = candidates
         sampler = self._sampler("prior", steps, coefficient_dtype)
         x = latents
-        step_rng = _fold(rng, 1)
-        if is_key_batch(rng) and k > 1:  # one key a row of the n * k candidates
-            step_rng = jax.vmap(lambda r: jax.vmap(lambda c: jax.random.fold_in(r, c))(
-                jnp.arange(k)))(step_rng).reshape(n * k)
+        step_rng = _candidate_keys(_fold(rng, 1), k)
         if x is None:
             if is_key_batch(rng):
                 x = jax.vmap(lambda r: jax.random.normal(r, (k, pcfg.out_dim)))(
@@ -512,10 +509,9 @@ class UnCLIPPipeline:
                 x = jax.random.normal(jax.random.fold_in(rng, 0), (n * k, pcfg.out_dim))
         elif k != 1:
             raise ValueError("explicit prior latents need prior_candidates=1")
-        rep = lambda t: {key: jnp.repeat(v, k, axis=0) for key, v in t.items()}  # noqa: E731
-        z = self._run("prior", sampler, self.prior.params, x, rep(cond),
-                      None if uncond is None else rep(uncond),
-                      rng=step_rng, guidance_scale=guidance, noise=noise)
+        z = self._run("prior", sampler, self.prior.params, x, _repeat_rows(cond, k),
+                      _repeat_rows(uncond, k), rng=step_rng, guidance_scale=guidance,
+                      noise=noise)
         z = denormalize_embedding(z, pcfg, self.prior.params)
         return _pick_closest(z.reshape(n, k, -1), cond["text_embed"]) if k > 1 else z
 
@@ -530,12 +526,8 @@ class UnCLIPPipeline:
             raise ValueError("this pipeline has no AR prior (train configs/ar_prior.py into the "
                              "workdir)")
         n, k = cond["text_embed"].shape[0], candidates
-        rep = lambda t: None if t is None else {  # noqa: E731
-            key: jnp.repeat(v, k, axis=0) for key, v in t.items()}
-        if is_key_batch(rng) and k > 1:  # one key a row of the n * k candidates
-            rng = jax.vmap(lambda r: jax.vmap(lambda c: jax.random.fold_in(r, c))(
-                jnp.arange(k)))(rng).reshape(n * k)
-        z = self.ar_prior.sample(rep(cond), rep(uncond), guidance=guidance, rng=rng,
+        z = self.ar_prior.sample(_repeat_rows(cond, k), _repeat_rows(uncond, k),
+                                 guidance=guidance, rng=_candidate_keys(rng, k),
                                  temperature=temperature, top_k=top_k,
                                  dot_quantiles=dot_quantiles)
         return _pick_closest(z.reshape(n, k, -1), cond["text_embed"]) if k > 1 else z
@@ -671,6 +663,21 @@ def _uint8_images(images) -> np.ndarray:
                       RuntimeWarning, stacklevel=3)
         images = np.where(bad, 0.0, images)
     return to_uint8(images)
+
+
+def _repeat_rows(tree, k: int):
+    """Each row of a conditioning dict repeated k times (the k candidates of a prompt); None
+    stays None."""
+    return None if tree is None else {key: jnp.repeat(v, k, axis=0) for key, v in tree.items()}
+
+
+def _candidate_keys(rng, k: int):
+    """For a batch of row keys [n] and k > 1 candidates: [n * k] keys, fold_in(row key, c) for
+    candidate c (each candidate its own draw); one key, or k = 1, is returned as it is."""
+    if not is_key_batch(rng) or k == 1:
+        return rng
+    return jax.vmap(lambda r: jax.vmap(lambda c: jax.random.fold_in(r, c))(
+        jnp.arange(k)))(rng).reshape(-1)
 
 
 def _pick_closest(candidates, text_embed):

@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.data import shapes
-from unclip_jax.images import to_uint8
 from unclip_jax.shapes_demo.evaluate import Evaluator, _norm, eval_sets, faithfulness
 
 VARIANTS = ("diffusion_prior", "ar_prior", "text_embedding", "caption_only")
@@ -70,26 +69,15 @@ class Comparison:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
 
     def generate(self, variant: str, prompts, *, seed: int | None = None):
-        """(uint8 final images [N, H, W, 3], image embeddings [N, E] or None) in chunks of
-        `batch`; chunk i draws from fold_in(key(seed), i), the same for every variant."""
-        p, finals, embeds = self.pipe, [], []
-        seed = self.seed if seed is None else seed
-        for i in range(0, len(prompts), self.batch):
-            chunk = list(prompts[i:i + self.batch])
-            rng = jax.random.fold_in(jax.random.key(seed), i)
-            cond, uncond = p.text_conditioning(chunk)
-            z, null = self.embeddings(variant, cond, uncond, jax.random.fold_in(rng, 0))
-            low = p.sample_decoder(z, cond, uncond, steps=self.steps[1],
-                                   guidance=self.guidance[1], rng=jax.random.fold_in(rng, 1),
-                                   null_image=null)
-            if p.super_res_first is not None:
-                img = p.sample_super_res(low, steps=self.steps[2], rng=jax.random.fold_in(rng, 2))
-            else:
-                img = low * 0.5 + 0.5
-            finals.append(to_uint8(np.asarray(img)))
-            embeds.append(None if null or variant == "text_embedding" else np.asarray(z))
-        z = None if embeds[0] is None else np.concatenate(embeds)
-        return np.concatenate(finals), z
+        """(uint8 final images [N, H, W, 3], image embeddings [N, E] or None) through the
+        evaluator's chunked loop (`Evaluator.sample`): the same keys for every variant."""
+        def embed(i, cond, uncond, rng):
+            return self.embeddings(variant, cond, uncond, rng)
+
+        final, _, zs = self.ev.sample(prompts, embed, seed=self.seed if seed is None else seed,
+                                      steps=self.steps, guidance=self.guidance)
+        own = variant in ("diffusion_prior", "ar_prior")  # the prior's embedding, not the text's
+        return final, np.concatenate([np.asarray(z) for z in zs]) if own else None
 
 
 def diversity(images, per_prompt: int) -> float:

@@ -97,31 +97,41 @@ class Evaluator:
         return {"prior_cosine": float(np.mean(np.sum(z * true, -1))),
                 "text_embedding_cosine_baseline": float(np.mean(np.sum(t * true, -1)))}
 
-    def generate(self, prompts, *, seed=0, steps=(25, 25, 7), guidance=(4.0, None),
-                 true_images=None):
-        """Generated (final, decoder) uint8 images for prompts; with `true_images` the decoder is
-        fed the real images' CLIP embeddings instead of the prior's. Decoder guidance None: the
-        decoder's default."""
-        finals, lows = [], []
+    def sample(self, prompts, embed, *, seed=0, steps=(25, 25, 7), guidance=(4.0, None)):
+        """The chunked sampling loop every measurement shares: for each chunk of `batch` prompts
+        (chunk i draws from fold_in(key(seed), i)), `embed(i, cond, uncond, rng)` gives the
+        decoder's (image embeddings [b, E], null_image); the decoder and the upsamplers follow.
+        Returns (uint8 final images, uint8 decoder images, [image embeddings per chunk])."""
+        finals, lows, embeds = [], [], []
         for i in range(0, len(prompts), self.batch):
             chunk = list(prompts[i:i + self.batch])
             rng = jax.random.fold_in(jax.random.key(seed), i)
             cond, uncond = self.pipe.text_conditioning(chunk)
-            if true_images is None:
-                z = self.pipe.sample_prior(cond, uncond, steps=steps[0], guidance=guidance[0],
-                                           rng=jax.random.fold_in(rng, 0),
-                                           candidates=self.pipe.prior_candidates)
-            else:
-                z = jnp.asarray(self.image_embeds(true_images[i:i + self.batch]))
+            z, null = embed(i, cond, uncond, jax.random.fold_in(rng, 0))
             low = self.pipe.sample_decoder(z, cond, uncond, steps=steps[1], guidance=guidance[1],
-                                           rng=jax.random.fold_in(rng, 1))
+                                           rng=jax.random.fold_in(rng, 1), null_image=null)
             lows.append(to_uint8(low * 0.5 + 0.5))
             if self.pipe.super_res_first is not None:
                 finals.append(to_uint8(self.pipe.sample_super_res(low, steps=steps[2],
                                                              rng=jax.random.fold_in(rng, 2))))
             else:
                 finals.append(lows[-1])
-        return np.concatenate(finals), np.concatenate(lows)
+            embeds.append(z)
+        return np.concatenate(finals), np.concatenate(lows), embeds
+
+    def generate(self, prompts, *, seed=0, steps=(25, 25, 7), guidance=(4.0, None),
+                 true_images=None):
+        """Generated (final, decoder) uint8 images for prompts; with `true_images` the decoder is
+        fed the real images' CLIP embeddings instead of the prior's. Decoder guidance None: the
+        decoder's default."""
+        def embed(i, cond, uncond, rng):
+            if true_images is not None:
+                return jnp.asarray(self.image_embeds(true_images[i:i + self.batch])), False
+            return self.pipe.sample_prior(cond, uncond, steps=steps[0], guidance=guidance[0],
+                                          rng=rng, candidates=self.pipe.prior_candidates), False
+
+        final, low, _ = self.sample(prompts, embed, seed=seed, steps=steps, guidance=guidance)
+        return final, low
 
     def attribute_salience(self) -> dict[str, dict[str, float]]:
         """How much of the variance of CLIP's image / text embeddings, over every single-object
