@@ -435,6 +435,22 @@ def _fit(img, size):
     return center_crop_resize(img, size)
 
 
+def _cmd_export(args) -> int:
+    from unclip_jax.convert.export_diffusers import (
+        check_out_dir, export_pipeline, export_workdir)
+
+    if bool(args.pipeline) == bool(args.workdir):
+        raise ValueError("give either --workdir (stages trained here) or --pipeline (a diffusers "
+                         "UnCLIP directory, written back)")
+    check_out_dir(args.out)  # before anything loads
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    if args.workdir:
+        export_workdir(args.workdir, args.out, log=log)
+    else:
+        export_pipeline(args.pipeline, args.out, log=log)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from unclip_jax.shapes_demo.run import run_demo
 
@@ -572,6 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--to", required=True, type=_text, help="the text to move towards")
     td.add_argument("--max-theta", type=_finite, default=0.5)
     td.set_defaults(func=_cmd_textdiff)
+
+    x = sub.add_parser("export", help="write a workdir's stages (or a diffusers pipeline) as a "
+                                      "diffusers UnCLIPPipeline directory")
+    x.add_argument("--workdir", help="a workdir of stages trained here (e.g. workdir/demo)")
+    x.add_argument("--pipeline", help="a diffusers UnCLIPPipeline directory, read and written back")
+    x.add_argument("--out", required=True,
+                   help="the directory to write (must not exist, or be empty)")
+    x.add_argument("--quiet", action="store_true", help="no progress lines")
+    x.set_defaults(func=_cmd_export)
 
     d = sub.add_parser("demo", help="the main job on the embedded default (see README)")
     d.add_argument("--workdir", default="workdir/demo")

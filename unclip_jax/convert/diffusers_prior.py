@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.convert import torch_io
-from unclip_jax.convert.torch_io import CheckpointMismatchError, ParamWriter, identity, linear
+from unclip_jax.convert.torch_io import (
+    CheckpointMismatchError, Layout, ParamWriter, identity, linear)
 from unclip_jax.models.prior import PriorConfig, init_params
 
-__all__ = ["prior_config_from_diffusers", "convert_prior", "load_diffusers_prior",
+__all__ = ["prior_config_from_diffusers", "convert_prior", "load_diffusers_prior", "write_prior",
            "CheckpointMismatchError"]
 
 
@@ -63,18 +64,18 @@ def prior_config_from_diffusers(config_dict: Mapping[str, Any],
     return PriorConfig(**kw)
 
 
-def convert_prior(state_dict: Mapping[str, Any], config: PriorConfig) -> dict:
-    """diffusers PriorTransformer state dict (torch tensors or numpy) -> params (nested dict of
-    arrays in config.param_dtype, usable as ``{'params': params}``).
+# [1, S, W] -> [S, W]; [1, 1, W] -> [W] (a wrong size still fails the shape check); back: the
+# leading unit axes again
+_DROP_BATCH = Layout(lambda a: a.reshape(a.shape[1:]) if a.ndim == 3 and a.shape[0] == 1 else a,
+                     lambda a: a[None], "[1, S, W] <-> [S, W]")
+_DROP_TWO = Layout(lambda a: a.reshape(a.shape[2:]) if a.ndim == 3 and a.shape[:2] == (1, 1) else a,
+                   lambda a: a[None, None], "[1, 1, W] <-> [W]")
 
-    Raises CheckpointMismatchError naming the parameter and both shapes on any mismatch, a
-    missing tensor, or an unused one. With embedding_norm != 'meanstd' the checkpoint's
-    clip_mean/clip_std are not imported ('scale' / 'l2': clip_norm is set to 1; set it from data
-    with prior.set_embedding_stats).
-    """
-    sd = torch_io.to_numpy(state_dict)
-    template = init_params(config)  # abstract: shapes only
-    w = ParamWriter(template, sd, what="diffusers prior")
+
+def write_prior(w, config: PriorConfig) -> None:
+    """Every (flax path, diffusers key, layout) entry of a PriorTransformer, written with `w` (a
+    ParamWriter importing; a torch_io.ParamRecorder for the exporter). With embedding_norm !=
+    'meanstd' clip_norm is set to 1 (a computed entry)."""
 
     def dense(path, key):
         w.set(path + ("dense", "kernel"), f"{key}.weight", linear)
@@ -93,12 +94,9 @@ def convert_prior(state_dict: Mapping[str, Any], config: PriorConfig) -> dict:
     dense(("embedding_proj",), "embedding_proj")
     if c.encoder_hid_proj_type == "linear":
         dense(("encoder_hidden_states_proj",), "encoder_hidden_states_proj")
-    # [1, S, W] -> [S, W]; [1, 1, W] -> [W] (a wrong size still fails the shape check)
-    w.set(("positional_embedding",), "positional_embedding",
-          lambda a: a.reshape(a.shape[1:]) if a.ndim == 3 and a.shape[0] == 1 else a)
+    w.set(("positional_embedding",), "positional_embedding", _DROP_BATCH)
     if c.added_emb_type == "prd":
-        w.set(("prd_embedding",), "prd_embedding",
-              lambda a: a.reshape(a.shape[2:]) if a.ndim == 3 and a.shape[:2] == (1, 1) else a)
+        w.set(("prd_embedding",), "prd_embedding", _DROP_TWO)
     if c.norm_in_type == "layer":
         norm(("norm_in",), "norm_in")
     for i in range(c.num_layers):
@@ -118,9 +116,23 @@ def convert_prior(state_dict: Mapping[str, Any], config: PriorConfig) -> dict:
     elif c.embedding_norm in ("scale", "l2"):  # no such statistic in diffusers: the identity
         w.set(("clip_norm",), None, value=np.ones((1, 1), np.float32))
 
+
+def convert_prior(state_dict: Mapping[str, Any], config: PriorConfig) -> dict:
+    """diffusers PriorTransformer state dict (torch tensors or numpy) -> params (nested dict of
+    arrays in config.param_dtype, usable as ``{'params': params}``).
+
+    Raises CheckpointMismatchError naming the parameter and both shapes on any mismatch, a
+    missing tensor, or an unused one. With embedding_norm != 'meanstd' the checkpoint's
+    clip_mean/clip_std are not imported ('scale' / 'l2': clip_norm is set to 1; set it from data
+    with prior.set_embedding_stats).
+    """
+    sd = torch_io.to_numpy(state_dict)
+    template = init_params(config)  # abstract: shapes only
+    w = ParamWriter(template, sd, what="diffusers prior")
+    write_prior(w, config)
     ignore = lambda k: k in ("clip_mean", "clip_std", "causal_attention_mask")  # noqa: E731
     params = w.finish(strict_unused=True, ignore_unused=ignore)
-    pdt = jnp.dtype(c.param_dtype)
+    pdt = jnp.dtype(config.param_dtype)
     return jax.tree.map(lambda a: jnp.asarray(a, pdt), params)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from unclip_jax.convert import torch_io
 from unclip_jax.convert.torch_io import CheckpointMismatchError, ParamWriter  # noqa: F401
@@ -309,6 +310,43 @@ _TEXT_PROJ = {
 }
 
 
+def _tokens_layout(n: int, ctx: int) -> tuple[torch_io.Layout, torch_io.Layout]:
+    """(kernel, bias) layouts of the image -> n context tokens projection: torch lays the n
+    tokens out interleaved (row c * n + j is channel c of token j); ours are contiguous (row
+    j * ctx + c). A tensor of another shape passes unpermuted (the shape check then names it)."""
+    def kernel(w):
+        if w.ndim == 2 and w.shape[0] == n * ctx:
+            w = w.reshape(ctx, n, -1).transpose(1, 0, 2).reshape(n * ctx, -1)
+        return torch_io.linear(w)
+
+    def kernel_back(k):
+        w = torch_io.linear_to_torch(k)
+        return w.reshape(n, ctx, -1).transpose(1, 0, 2).reshape(n * ctx, -1)
+
+    def bias(b):
+        return b.reshape(ctx, n).T.reshape(-1) if b.shape == (n * ctx,) else b
+
+    def bias_back(b):
+        return np.ascontiguousarray(b.reshape(n, ctx).T.reshape(-1))
+
+    return (torch_io.Layout(kernel, kernel_back, f"{n} context tokens x {ctx}: kernel"),
+            torch_io.Layout(bias, bias_back, f"{n} context tokens x {ctx}: bias"))
+
+
+def write_text_proj(w, config: DecoderConfig) -> None:
+    """Every (flax path, UnCLIPTextProjModel key, layout) entry of the decoder's CLIP
+    conditioning, written with `w` (a ParamWriter importing; a torch_io.ParamRecorder for the
+    exporter)."""
+    w.set(("null_image_embed",), "learned_classifier_free_guidance_embeddings")
+    tokens = _tokens_layout(config.clip_extra_context_tokens, config.unet.context_dim)
+    for (name,), key in _TEXT_PROJ.items():
+        kernel, bias = tokens if name == "image_to_tokens" else (torch_io.linear, torch_io.identity)
+        w.set((name, "dense", "kernel"), f"{key}.weight", kernel)
+        w.set((name, "dense", "bias"), f"{key}.bias", bias)
+    w.set(("text_norm", "scale"), "text_encoder_hidden_states_norm.weight")
+    w.set(("text_norm", "bias"), "text_encoder_hidden_states_norm.bias")
+
+
 def convert_decoder(unet_state_dict: Mapping[str, Any], text_proj_state_dict: Mapping[str, Any],
                     config: DecoderConfig):
     """diffusers decoder UNet + UnCLIPTextProjModel state dicts -> our Decoder `params`."""
@@ -319,19 +357,7 @@ def convert_decoder(unet_state_dict: Mapping[str, Any], text_proj_state_dict: Ma
     _write_unet(uw, template["unet"])
     rest = {k: v for k, v in template.items() if k != "unet"}
     tw = ParamWriter(rest, tsd, "diffusers UnCLIPTextProjModel")
-    tw.set(("null_image_embed",), "learned_classifier_free_guidance_embeddings")
-    n, ctx = config.clip_extra_context_tokens, config.unet.context_dim
-    for (name,), key in _TEXT_PROJ.items():
-        w, b = tw.get(f"{key}.weight"), tw.get(f"{key}.bias")
-        if name == "image_to_tokens" and w.ndim == 2 and w.shape[0] == n * ctx and b.shape == (n * ctx,):
-            # torch lays the n tokens out interleaved (row c * n + j is channel c of token j);
-            # ours are contiguous (row j * ctx + c).
-            w = w.reshape(ctx, n, -1).transpose(1, 0, 2).reshape(n * ctx, -1)
-            b = b.reshape(ctx, n).T.reshape(-1)
-        tw.set((name, "dense", "kernel"), f"{key}.weight", torch_io.linear, value=w)
-        tw.set((name, "dense", "bias"), f"{key}.bias", value=b)
-    tw.set(("text_norm", "scale"), "text_encoder_hidden_states_norm.weight")
-    tw.set(("text_norm", "bias"), "text_encoder_hidden_states_norm.bias")
+    write_text_proj(tw, config)
     out = tw.finish()
     out["unet"] = uw.finish()
     return out

@@ -1,4 +1,5 @@
-"""Reading PyTorch state dicts and writing them into Flax param trees, with shape checks.
+"""Reading PyTorch state dicts and writing them into Flax param trees, with shape checks, and
+the way back (`ParamRecorder`, `invert`, `torch_state_dict`: the exporter's).
 
 Nothing here imports torch at module import time: safetensors files are read with
 `safetensors.numpy`; `.bin`/`.pt` files need torch and are loaded with `weights_only=True`.
@@ -100,6 +101,91 @@ def conv2d(w: np.ndarray) -> np.ndarray:
 
 def identity(w: np.ndarray) -> np.ndarray:
     return w
+
+
+# ... and back (the exporter: unclip_jax/convert/export_diffusers.py).
+def linear_to_torch(k: np.ndarray) -> np.ndarray:
+    """flax Dense kernel [in, out] -> torch Linear weight [out, in]."""
+    return np.ascontiguousarray(np.asarray(k).T)
+
+
+def conv2d_to_torch(k: np.ndarray) -> np.ndarray:
+    """flax Conv kernel [kh, kw, in, out] -> torch Conv2d weight [out, in, kh, kw]."""
+    return np.ascontiguousarray(np.asarray(k).transpose(3, 2, 0, 1))
+
+
+class Layout:
+    """A layout transform from torch to flax that knows its inverse: `Layout(forward, inverse,
+    name)` is called like `linear` (torch tensor -> flax param) and `invert(layout)` gives
+    `inverse` (flax param -> torch tensor). For the converters' reshapes and permutations, so
+    that every entry a converter writes can be written back."""
+
+    def __init__(self, forward: Callable, inverse: Callable, name: str):
+        self.forward, self.inverse, self.name = forward, inverse, name
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        return self.forward(a)
+
+    def __repr__(self) -> str:
+        return f"Layout({self.name})"
+
+
+_INVERSES = {linear: linear_to_torch, conv2d: conv2d_to_torch, identity: identity}
+
+
+def invert(transform: Callable) -> Callable:
+    """The flax -> torch inverse of a layout transform (linear, conv2d, identity or a Layout)."""
+    if isinstance(transform, Layout):
+        return transform.inverse
+    try:
+        return _INVERSES[transform]
+    except (KeyError, TypeError):
+        raise TypeError(f"the layout transform {transform!r} has no known inverse: give it one "
+                        f"as a torch_io.Layout") from None
+
+
+class ParamRecorder:
+    """Stands in for a ParamWriter in the converters' writer-taking helpers and records what
+    they write: `entries`, a list of (flax path, torch key, transform, value). `value` is not
+    None for a computed entry (no torch tensor behind it); `get` is not offered (a helper that
+    reads tensors itself cannot be inverted from its record)."""
+
+    def __init__(self):
+        self.entries: list[tuple[tuple[str, ...], str | None, Callable, Any]] = []
+
+    def set(self, path: tuple[str, ...], key: str | None, transform: Callable = identity,
+            value: np.ndarray | None = None) -> None:
+        self.entries.append((tuple(path), key, transform, value))
+
+
+def torch_state_dict(params: Mapping[str, Any], entries,
+                     what: str = "params") -> dict[str, np.ndarray]:
+    """Our param tree -> the torch state dict (float32 numpy) that `entries` (a
+    ParamRecorder's) read it from: every recorded tensor inverted back to its torch layout.
+    Computed entries are skipped. Every leaf of `params` must be written by exactly one entry
+    and every key by one, else CheckpointMismatchError names it (nothing is dropped silently)."""
+    out: dict[str, np.ndarray] = {}
+    covered: set[tuple[str, ...]] = set()
+    for path, key, transform, value in entries:
+        if value is not None or key is None:
+            covered.add(path)
+            continue
+        node: Any = params
+        for p in path:
+            if not isinstance(node, Mapping) or p not in node:
+                raise CheckpointMismatchError(f"{what}: no parameter {'/'.join(path)} (for "
+                                              f"'{key}')")
+            node = node[p]
+        if key in out:
+            raise CheckpointMismatchError(f"{what}: '{key}' is written twice (the second time "
+                                          f"from {'/'.join(path)})")
+        out[key] = np.ascontiguousarray(invert(transform)(np.asarray(_unbox(node), np.float32)))
+        covered.add(path)
+    missing = ["/".join(p) for p in _leaf_paths(params) if p not in covered]
+    if missing:
+        raise CheckpointMismatchError(f"{what}: {len(missing)} parameters have no torch key, "
+                                      f"e.g. {', '.join(missing[:5])}")
+    return out
 
 
 class ParamWriter:
