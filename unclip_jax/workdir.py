@@ -65,6 +65,9 @@ class StageRecord:
     data:     data facts sampling needs (upsampler: low_res_size, degradation, noise_aug_max)
     paths:    tokenizer / clip_dir it was trained against, absolute
     train:    the whole training config, for the record
+    init_from: where the step-0 parameters came from when they were imported
+              (`config.init_from`; `unclip_jax.train.init_from`): the source's absolute path,
+              its kind and what was taken; {} for a random init
     """
 
     stage: str
@@ -74,6 +77,7 @@ class StageRecord:
     paths: dict = dataclasses.field(default_factory=dict)
     train: dict = dataclasses.field(default_factory=dict)
     version: int = RECORD_VERSION
+    init_from: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -113,7 +117,8 @@ class StageRecord:
             rec = cls(stage=d["stage"], model=dict(d["model"]),
                       sampling=None if sampling is None else StageSampling.from_dict(sampling),
                       data=dict(d.get("data") or {}), paths=dict(d.get("paths") or {}),
-                      train=dict(d.get("train") or {}), version=version)
+                      train=dict(d.get("train") or {}), version=version,
+                      init_from=dict(d.get("init_from") or {}))
             rec.model_config()  # fails here, not later, when the model config is unreadable
             return rec
         except RecordError as e:

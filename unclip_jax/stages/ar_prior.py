@@ -6,7 +6,8 @@ prompt's 10% of the time (for classifier-free guidance).
 CLIP is frozen and runs inside the step. The codebook (PCA + bucket edges,
 `unclip_jax.models.ar_codes`) is fitted once, from `codebook.fit_batches` batches of the
 training data, when the stage is first built; it is written to WORKDIR/ar_prior/codebook.npz
-and read back on every later build (a resumed run, the pipeline), never refitted. Its number of
+and read back on every later build (a resumed run, the pipeline), never refitted. An AR prior
+initialised from another (`config.init_from`) takes that one's codebook instead. Its number of
 components sets the model's sequence length, so it is part of the stage record's model config.
 """
 from __future__ import annotations
@@ -66,19 +67,38 @@ class ARPriorStage(CLIPConditionedStage, Stage):
         path = os.path.join(self.stage_dir, CODEBOOK_FILE) if self.stage_dir else ""
         want = dict(embed_dim=int(m["embedding_dim"]), num_buckets=int(m["num_buckets"]),
                     num_dot_buckets=int(m["num_dot_buckets"]))
-        if path and os.path.exists(path):
-            cb = ar_codes.Codebook.load(path)
+        self._unwritten_codebook = False
+        source = ""
+        if not (path and os.path.exists(path)) and config.get("init_from"):
+            # initialised from another AR prior: its codebook, written by write_files once the
+            # trainer has checked the source's weights (nothing is written before)
+            from unclip_jax.train import init_from
+
+            source = init_from.source_file(config.init_from, self.name,
+                                           stage_dir_name(config, self.name), CODEBOOK_FILE)
+        if source or (path and os.path.exists(path)):
+            cb = ar_codes.Codebook.load(source or path)
             got = dict(embed_dim=cb.embed_dim, num_buckets=cb.num_buckets,
                        num_dot_buckets=cb.num_dot_buckets)
             if got != want:
-                raise ValueError(f"{path} was fitted for {got}, but the config asks for {want}: "
-                                 f"train into another workdir, or delete the stage directory")
+                hint = ("init from an AR prior of this config's sizes" if source else
+                        "train into another workdir, or delete the stage directory")
+                raise ValueError(f"{source or path} was fitted for {got}, but the config asks "
+                                 f"for {want}: {hint}")
+            self._unwritten_codebook = bool(source)
             return cb
         cb = self.fit_codebook(config)
         if path and jax.process_index() == 0:
             os.makedirs(self.stage_dir, exist_ok=True)
             cb.save(path)
         return cb
+
+    def write_files(self, stage_dir):
+        """The codebook taken from the config.init_from source, once the trainer has checked it."""
+        if self._unwritten_codebook and jax.process_index() == 0:
+            os.makedirs(stage_dir, exist_ok=True)
+            self.codebook.save(os.path.join(stage_dir, CODEBOOK_FILE))
+        self._unwritten_codebook = False
 
     def fit_codebook(self, config) -> ar_codes.Codebook:
         """PCA + buckets from the CLIP embeddings of `codebook.fit_batches` training batches

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -23,6 +24,25 @@ class CLIPStage(Stage):
         super().__init__(config)
         self.cfg = CLIPConfig.from_dict(config.model.to_dict())
         self._tokenizer = None
+        self._copy_tokenizer = False
+        if not config.get("tokenizer") and config.get("init_from"):
+            # imported weights tokenise with their own tokenizer (a transformers CLIP
+            # directory's, a trained stage's recorded one), copied into the stage directory by
+            # write_files; a resumed run takes its recorded one (that copy)
+            from unclip_jax.train import init_from
+            from unclip_jax.train.trainer import stage_dir_name
+            from unclip_jax.workdir import has_checkpoints
+
+            name = stage_dir_name(config, self.name)
+            mine = os.path.join(workdir, name) if workdir else None
+            tok = init_from.source_tokenizer(config.init_from, self.name, name, mine)
+            if tok:
+                config.tokenizer = tok
+                self._copy_tokenizer = not (mine and has_checkpoints(mine))
+            else:
+                print(f"[clip] warning: config.init_from {config.init_from} names no tokenizer "
+                      f"that goes with its weights: token ids come from config.tokenizer or a "
+                      f"new shapes tokenizer", flush=True)
         if not config.get("tokenizer"):
             # No tokenizer given: on the shapes source, train a byte-level BPE on the shapes
             # captions into WORKDIR/tokenizer (reused when there), and record its absolute path
@@ -62,6 +82,25 @@ class CLIPStage(Stage):
                       f"{path}", flush=True)
             config.tokenizer = path
         self.tokenizer  # noqa: B018 -- read it now: a missing or garbled one fails before compiling
+
+    def write_files(self, stage_dir):
+        """The tokenizer of a config.init_from source, copied into STAGE_DIR/tokenizer (its
+        files, not the source's weights), so the stage never needs the source again."""
+        if not self._copy_tokenizer:
+            return
+        src, dest = self.config.tokenizer, os.path.abspath(os.path.join(stage_dir, "tokenizer"))
+        if jax.process_index() == 0 and not os.path.exists(dest):
+            os.makedirs(stage_dir, exist_ok=True)
+            tmp = dest + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            for n in os.listdir(src):
+                if os.path.isfile(os.path.join(src, n)) and n != "config.json" and not \
+                        n.endswith((".safetensors", ".bin", ".pt", ".msgpack", ".h5")):
+                    shutil.copy2(os.path.join(src, n), os.path.join(tmp, n))
+            os.rename(tmp, dest)
+        self.config.tokenizer = dest
+        self._copy_tokenizer = False
 
     @property
     def tokenizer(self):

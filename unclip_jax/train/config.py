@@ -123,6 +123,10 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     # upsampler of the cascade: "upsampler2", see unclip_jax.workdir.load_stack)
     c.stage_dir = ""
     c.seed = 0
+    # the step-0 parameters: "" = a random init, else a source of weights (a diffusers
+    # UnCLIPPipeline directory, DIR:COMPONENT for another of its components, a transformers CLIP
+    # directory, a stage directory or workdir trained here; unclip_jax/train/init_from.py)
+    c.init_from = ""
     c.batch_size = 32  # global
     c.grad_accum = 1
     c.total_steps = 1000

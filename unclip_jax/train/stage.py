@@ -52,8 +52,15 @@ class Stage(abc.ABC):
         return None
 
     def post_init(self, params, batches: Iterator[dict]) -> Any:
-        """Host-side adjustment of freshly initialised params (e.g. data statistics)."""
+        """Host-side adjustment of freshly (randomly) initialised params (e.g. data
+        statistics). Never called on imported params (`config.init_from`): their statistics
+        are the source's."""
         return params
+
+    def write_files(self, stage_dir: str) -> None:
+        """Write the stage's own files into its directory (e.g. the AR prior's codebook taken
+        from its `config.init_from` source). The trainer calls it once every check of the run
+        has passed (the import of `config.init_from` included), before it writes the record."""
 
     # -- frozen inputs ----------------------------------------------------------------------
     def frozen(self) -> tuple[Any, Any] | None:

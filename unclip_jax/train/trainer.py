@@ -31,6 +31,7 @@ from unclip_jax.train.optim import make_optimizer
 from unclip_jax.train.sharding import (
     batch_sharding, data_parallel_size, get_rules, logical_shardings, make_mesh, replicated)
 from unclip_jax.train.state import TrainState, ema_update, opt_state_shardings
+from unclip_jax.workdir import has_checkpoints
 
 
 def maybe_initialize_distributed() -> None:
@@ -109,6 +110,10 @@ def check_config(config) -> None:
         raise ValueError(f"batch_size must be positive, got {config.batch_size}")
     if int(config.total_steps) <= 0:
         raise ValueError(f"total_steps must be positive, got {config.total_steps}")
+    init_from = config.get("init_from", "")
+    if not isinstance(init_from, str):
+        raise ValueError(f"config.init_from must be a directory path (a source of weights) or "
+                         f"'' (random init), got {init_from!r}")
     for key in ("keep", "every"):  # keep=0 would save nothing; every=0 divides by zero
         if int(config.checkpoint[key]) < 1:
             raise ValueError(f"checkpoint.{key} must be at least 1, got {config.checkpoint[key]}")
@@ -283,7 +288,16 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
     """Train `stage` (built from `config`) into WORKDIR/<stage>/ (WORKDIR/<config.stage_dir>/
     when that is set, e.g. upsampler2), resuming from its newest checkpoint.
 
-    `stop_at_step` ends the run at that step with a checkpoint, as a preemption would.
+    `stop_at_step` ends the run at that step with a checkpoint, as a preemption would; a run
+    already there trains nothing (`stop_at_step=0`: the initial state, e.g. imported with
+    `config.init_from`, is saved as checkpoint 0 and returned).
+
+    `config.init_from` (a source of weights, `unclip_jax.train.init_from`) gives a fresh run its
+    step-0 parameters (and EMA) instead of a random init and `stage.post_init`; the optimizer
+    state starts fresh. The source is read and checked against the model before anything is
+    written into the stage directory, and recorded in its config.json; a resumed run never
+    reads it.
+
     `devices` restricts the mesh to these devices (default: all). Throughput figures (steps/s,
     TFLOP/s, MFU) count training steps only: the clock pauses around checkpoint saves and
     preview sampling.
@@ -316,10 +330,8 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
     total = int(config.total_steps)
 
     # ---- stage
-    stage_dir = os.path.join(workdir, stage_dir_name(config, stage.name))
-    ckpt = StageCheckpointer(stage_dir, stage.record(),
-                             keep=int(config.checkpoint.keep), every=int(config.checkpoint.every),
-                             async_save=bool(config.checkpoint.get("async_save", True)))
+    dir_name = stage_dir_name(config, stage.name)
+    stage_dir = os.path.join(workdir, dir_name)
 
     # ---- abstract init and shardings
     dummy = stage.dummy_batch(max(1, data_parallel_size(mesh)))
@@ -349,6 +361,25 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
             if pi == 0:
                 print(f"[{stage.name}] training state not packed: {e}", flush=True)
 
+    # ---- config.init_from: the source read and checked before anything is written into the
+    # stage directory (a resumed run keeps its record's entry and never reads the source)
+    init_spec = str(config.get("init_from") or "")
+    imported, init_entry = None, {}
+    if init_spec:
+        from unclip_jax.train import init_from as init_lib
+
+        init_entry = init_lib.recorded_entry(stage_dir)
+        if not has_checkpoints(stage_dir):
+            imported, init_entry = init_lib.import_params(
+                init_spec, stage.name, dir_name, params_abs, stage.record().model, log=pi == 0)
+    stage.write_files(stage_dir)
+    record = stage.record()  # after write_files, which may move what the record names
+    if init_entry:
+        record = dataclasses.replace(record, init_from=init_entry)
+    ckpt = StageCheckpointer(stage_dir, record,
+                             keep=int(config.checkpoint.keep), every=int(config.checkpoint.every),
+                             async_save=bool(config.checkpoint.get("async_save", True)))
+
     frozen, frozen_sh = None, None
     fz = stage.frozen()
     if fz is not None:
@@ -361,19 +392,42 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
     if restored is not None:
         state, meta, start = restored
         skipped_total = int(meta.get("skipped", 0))
-        print(f"[{stage.name}] resumed from step {start} in {stage_dir}", flush=True)
+        print(f"[{stage.name}] resumed from step {start} in {stage_dir}"
+              + (" (config.init_from is not read again)" if init_spec else ""), flush=True)
     else:
         start, skipped_total = 0, 0
+        if init_spec and imported is None:  # its checkpoints were all unreadable: import now
+            imported, init_entry = init_lib.import_params(
+                init_spec, stage.name, dir_name, params_abs, record.model, log=pi == 0)
+            if pi == 0:
+                dataclasses.replace(record, init_from=init_entry).write(stage_dir)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            params = jax.jit(lambda r: nn.unbox(stage.init_variables(r, dummy)["params"]),
-                             out_shardings=params_sh)(init_rng)
-            params = stage.post_init(params, stage.batches(
-                batch_size=per_host, seed=int(config.seed), start_step=0, process_index=pi,
-                process_count=pc))
+            if imported is not None:  # the source's parameters as they are: no post_init
+                params = init_lib.place(imported, params_sh)
+                del imported
+            else:
+                params = jax.jit(lambda r: nn.unbox(stage.init_variables(r, dummy)["params"]),
+                                 out_shardings=params_sh)(init_rng)
+                params = stage.post_init(params, stage.batches(
+                    batch_size=per_host, seed=int(config.seed), start_step=0, process_index=pi,
+                    process_count=pc))
             params = jax.device_put(params, params_sh)
             opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
             ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=params_sh)(params)
         state = TrainState(jax.device_put(jnp.int32(0), replicated(mesh)), params, opt_state, ema)
+
+    finite = jax.jit(_all_finite, out_shardings=replicated(mesh))  # checked before each save
+    if stop_at_step is not None and start >= stop_at_step:  # nothing to train
+        try:
+            if restored is None:  # the initial state as checkpoint `start` (0)
+                if not bool(finite(state)):
+                    raise _non_finite_error(stage.name, start, state, finite, ckpt)
+                ckpt.save(start, state, {"skipped": 0})
+        finally:
+            ckpt.close()
+        if pi == 0:
+            print(f"[{stage.name}] stopped at step {start}; the same command resumes", flush=True)
+        return TrainResult(state=state, step=start, history=[], preempted=start < total)
 
     # ---- the step: jit with shardings (pjit), donated state, compiled ahead of time
     run_sh, run_abstract, unpack = state_sh, abstract_state, (lambda st: st)
@@ -397,7 +451,6 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
     with jax.set_mesh(mesh):
         compiled = jitted.lower(run_abstract, batch_abs, frozen).compile()
     compile_s = time.time() - t0
-    finite = jax.jit(_all_finite, out_shardings=replicated(mesh))  # checked before each save
     step_flops = _model_flops_per_device(stage, config, params_abs, batch_abs, frozen)
     peak = flops_lib.peak_flops()
     mem = flops_lib.memory_summary(compiled)
