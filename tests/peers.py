@@ -150,6 +150,88 @@ def tiny_unclip_pipeline(path: str, *, seed: int = 0, **shapes):
     return unclip_pipeline(path, UnCLIPArch(**shapes), seed=seed)
 
 
+def tiny_clip_vision(projection_dim: int, *, image_size: int = 32, patch_size: int = 8,
+                     hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0,
+                     scale: float = 0.1):
+    """A transformers CLIPVisionModelWithProjection of small shapes with seeded random
+    weights."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden + 5, num_hidden_layers=layers,
+        num_attention_heads=heads, image_size=image_size, patch_size=patch_size,
+        projection_dim=projection_dim)).eval()
+    return randomise(model, seed, scale=scale)
+
+
+def clip_image_processor(size: int, crop: int | None = None, **kw):
+    """A transformers CLIPImageProcessor: shortest edge `size`, centre crop `crop` (default
+    `size`); `kw`: image_mean, image_std, ... (the Pillow backend when torchvision is absent)."""
+    import warnings
+
+    import transformers
+
+    crop = size if crop is None else crop
+    with warnings.catch_warnings():  # "requires torchvision ... falling back to ...Pil"
+        warnings.simplefilter("ignore")
+        return transformers.CLIPImageProcessor(size={"shortest_edge": size},
+                                               crop_size={"height": crop, "width": crop}, **kw)
+
+
+def unclip_image_variation_pipeline(path: str | None, arch: UnCLIPArch = UnCLIPArch(), *,
+                                    seed: int = 0, image_size: int = 32, patch_size: int = 8,
+                                    vision_hidden: int = 32, vision_layers: int = 2,
+                                    randomise_scale: float | None = 0.1):
+    """A diffusers UnCLIPImageVariationPipeline with random weights: `unclip_pipeline`'s text
+    encoder, tokenizer, text_proj + decoder, upsamplers and schedulers, a
+    CLIPVisionModelWithProjection whose projection is the decoder's CLIP embedding width
+    (`arch.text_dim`) and a CLIPImageProcessor sized to it; saved to `path` when given.
+    `randomise_scale`: as `unclip_pipeline`'s (the image encoder's weights are drawn at 0.1)."""
+    import warnings
+
+    from diffusers import UnCLIPImageVariationPipeline
+
+    base = unclip_pipeline(None, arch, seed=seed, randomise_scale=randomise_scale)
+    encoder = tiny_clip_vision(arch.text_dim, image_size=image_size, patch_size=patch_size,
+                               hidden=vision_hidden, layers=vision_layers, seed=seed * 10 + 7)
+    with warnings.catch_warnings():  # the pipeline is deprecated in diffusers
+        warnings.simplefilter("ignore")
+        pipe = UnCLIPImageVariationPipeline(
+            decoder=base.decoder, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+            text_proj=base.text_proj, feature_extractor=clip_image_processor(image_size),
+            image_encoder=encoder, super_res_first=base.super_res_first,
+            super_res_last=base.super_res_last, decoder_scheduler=base.decoder_scheduler,
+            super_res_scheduler=base.super_res_scheduler)
+        if path is not None:
+            pipe.save_pretrained(path)
+    return pipe
+
+
+def tiny_clip_model(path: str | None, projection_dim: int, *, image_size: int = 16,
+                    patch_size: int = 4, seed: int = 0, processor=None):
+    """A transformers CLIPModel (both towers) of small shapes with seeded random weights, saved
+    to `path` when given, with `processor` (a CLIPImageProcessor) beside it when given."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=99, hidden_size=24, intermediate_size=37,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=41, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=image_size, patch_size=patch_size),
+        projection_dim=projection_dim)).eval()
+    randomise(model, seed, scale=0.1)
+    if path is not None:
+        model.save_pretrained(path)
+        if processor is not None:
+            processor.save_pretrained(path)
+    return model
+
+
 def _tmpdir() -> str:
     import tempfile
 

@@ -280,7 +280,8 @@ def test_textdiff_uses_the_normalised_text_diff(monkeypatch):
     manip = Manipulator(Pipe(), steps=5)
     monkeypatch.setattr(manip, "embed", lambda imgs: jnp.asarray(z_i, jnp.float32))
     monkeypatch.setattr(manip, "invert", lambda imgs, emb=None: jnp.zeros((1, 8, 8, 3)))
-    monkeypatch.setattr(manip, "decode", lambda z, x_T, seed=0: np.asarray(z, np.float64))
+    monkeypatch.setattr(manip, "decode",
+                        lambda z, x_T, seed=0, upsample=True: np.asarray(z, np.float64))
     z = manip.textdiff(np.zeros((8, 8, 3), np.uint8), "a red circle", "a blue square", steps=4,
                        max_theta=0.5)
 

@@ -212,8 +212,43 @@ def _load_pipeline(args, progress=True):
         raise ValueError("give either --pipeline (a diffusers UnCLIP directory) or --workdir "
                          "(stages trained with unclip-jax train / demo)")
     if args.pipeline:
-        return UnCLIPPipeline.from_diffusers(args.pipeline, progress=progress)
+        return UnCLIPPipeline.from_diffusers(args.pipeline, clip=getattr(args, "clip", None),
+                                             progress=progress)
     return UnCLIPPipeline.from_workdir(args.workdir, progress=progress)
+
+
+def _check_source(args, *, tower: bool, text: bool) -> None:
+    """Before any loading: exactly one of --pipeline / --workdir, --clip only with --pipeline,
+    and a --pipeline directory that can do what is asked (`text`: text-to-image, which an
+    UnCLIPImageVariationPipeline cannot; `tower`: a CLIP image tower, which an UnCLIPPipeline
+    gets from --clip), read from its configs alone."""
+    from unclip_jax.convert.diffusers_pipeline import (VARIATION_CLASS, check_pipeline_dir,
+                                                       decoder_clip_dim)
+    from unclip_jax.pipeline import no_prior_message
+    from unclip_jax.workdir import IMAGE_TOWER_KINDS, check_image_tower_dir
+
+    if bool(args.pipeline) == bool(args.workdir):
+        raise ValueError("give either --pipeline (a diffusers UnCLIPPipeline or "
+                         "UnCLIPImageVariationPipeline directory) or --workdir (stages trained "
+                         "with unclip-jax train / demo)")
+    clip = getattr(args, "clip", None)
+    if clip and not args.pipeline:
+        raise ValueError("--clip goes with --pipeline: a workdir's own CLIP stage is its image "
+                         "tower")
+    if not args.pipeline:
+        return
+    variation = check_pipeline_dir(args.pipeline)["_class_name"] == VARIATION_CLASS
+    if text and variation:
+        raise ValueError(f"--pipeline {no_prior_message(args.pipeline)}")
+    if tower and not variation and not clip:
+        raise ValueError(f"--pipeline {args.pipeline} is an UnCLIPPipeline, which has no CLIP "
+                         f"image tower: pass --clip DIR, {IMAGE_TOWER_KINDS}")
+    if clip:
+        got, want = check_image_tower_dir(clip).embed_dim, decoder_clip_dim(args.pipeline)
+        if got != want:
+            raise ValueError(f"--clip {clip} makes {got}-dim image embeddings, but the decoder "
+                             f"of --pipeline {args.pipeline} takes {want}-dim CLIP image "
+                             f"embeddings")
 
 
 def _check_ar_prior(args) -> None:
@@ -261,16 +296,16 @@ def _cmd_sample(args) -> int:
         _check_out_dir(args.out_dir, "--out-dir")
     if args.prior == "ar":
         _check_ar_prior(args)
-    if args.rerank and args.pipeline:
-        raise ValueError("--rerank needs the CLIP image tower: use --workdir, not --pipeline")
+    if args.clip and not args.rerank:
+        raise ValueError("--clip is the CLIP image tower that --rerank N scores with: give it "
+                         "with --rerank")
+    _check_source(args, tower=bool(args.rerank), text=True)
     pipe = _load_pipeline(args, progress=not args.quiet)
     kw = dict(prior_steps=args.prior_steps, decoder_steps=args.decoder_steps,
               super_res_steps=args.super_res_steps, prior_guidance=args.prior_guidance,
               decoder_guidance=args.decoder_guidance, super_res_method=args.super_res_method,
               prior=args.prior, ar_temperature=args.ar_temperature, ar_top_k=args.ar_top_k)
     if args.rerank:
-        if getattr(pipe, "clip", None) is None:
-            raise ValueError("--rerank needs the CLIP image tower: use --workdir")
         from unclip_jax.manipulate import rerank_batches
 
         chunks = rerank_batches(pipe, prompts, args.rerank, num_images_per_prompt=args.num,
@@ -376,10 +411,9 @@ def _cmd_compare(args) -> int:
 
 def _manipulator(args):
     from unclip_jax.manipulate import Manipulator
-    from unclip_jax.pipeline import UnCLIPPipeline
 
-    pipe = UnCLIPPipeline.from_workdir(args.workdir, progress=False)
-    return Manipulator(pipe, steps=args.steps, guidance=args.guidance)
+    return Manipulator(_load_pipeline(args, progress=False), steps=args.steps,
+                       guidance=args.guidance)
 
 
 def _cmd_variations(args) -> int:
@@ -388,6 +422,7 @@ def _cmd_variations(args) -> int:
 
     _check_out_file(args.out, "--out")
     _check_grid_size(args.num + 1, "--num", "")
+    _check_source(args, tower=True, text=False)
     img = load_image(args.image)
     m = _manipulator(args)
     out = m.variations(img, n=args.num, eta=args.eta, seed=args.seed)
@@ -403,6 +438,7 @@ def _cmd_interpolate(args) -> int:
 
     _check_out_file(args.out, "--out")
     _check_grid_size(args.num, "--num", "")
+    _check_source(args, tower=True, text=False)
     a, b = load_image(args.image_a), load_image(args.image_b)
     m = _manipulator(args)
     out = m.interpolate(a, b, steps=args.num, noise=args.noise, seed=args.seed)
@@ -419,6 +455,7 @@ def _cmd_textdiff(args) -> int:
     _check_prompts([args.to, getattr(args, "from")])
     _check_out_file(args.out, "--out")
     _check_grid_size(args.num, "--num", "")
+    _check_source(args, tower=True, text=False)
     img = load_image(args.image)
     m = _manipulator(args)
     out = m.textdiff(img, getattr(args, "from"), args.to, steps=args.num,
@@ -465,6 +502,10 @@ _NO_CACHE_HELP = ("don't turn on unclip-jax's persistent compilation cache ($UNC
                   "(JAX_COMPILATION_CACHE_DIR) stays")
 
 
+_CLIP_HELP = ("with --pipeline: the CLIP image tower, a transformers CLIP (CLIPModel or "
+              "CLIPVisionModelWithProjection) or an UnCLIPImageVariationPipeline directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="unclip-jax", description="unCLIP (DALL-E 2) in JAX/Flax")
     p.add_argument("--no-compile-cache", action="store_true", help=_NO_CACHE_HELP)
@@ -474,8 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pipeline", help="a local diffusers UnCLIPPipeline directory")
     s.add_argument("--workdir", help="a workdir of stages trained here (e.g. workdir/demo)")
     s.add_argument("--rerank", type=_int_in(0), default=0,
-                   help="draw N candidates per image and keep the best by CLIP score (--workdir; "
-                        "0 = off)")
+                   help="draw N candidates per image and keep the best by CLIP score (a "
+                        "workdir's CLIP, or --clip with --pipeline; 0 = off)")
+    s.add_argument("--clip", help=_CLIP_HELP + " (for --rerank)")
     s.add_argument("--prompt", required=True, action="append", type=_text,
                    help="a prompt (repeat for several); '' is the unconditional prompt")
     s.add_argument("--num", type=_positive, default=1, help="images per prompt")
@@ -562,7 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def manip(name, help_):
         m = sub.add_parser(name, help=help_)
-        m.add_argument("--workdir", required=True)
+        m.add_argument("--workdir", help="a workdir of stages trained here (e.g. workdir/demo)")
+        m.add_argument("--pipeline", help="a local diffusers UnCLIPPipeline (with --clip) or "
+                                          "UnCLIPImageVariationPipeline directory")
+        m.add_argument("--clip", help=_CLIP_HELP)
         m.add_argument("--out", default=f"{name}.png")
         m.add_argument("--seed", type=_seed, default=0)
         m.add_argument("--steps", type=_positive, default=25, help="DDIM steps")

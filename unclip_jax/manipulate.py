@@ -1,4 +1,6 @@
-"""The paper's image manipulations, on a pipeline built with `UnCLIPPipeline.from_workdir`:
+"""The paper's image manipulations, on a pipeline with a CLIP image tower (`pipe.clip`):
+`UnCLIPPipeline.from_workdir(W)`, or `from_diffusers(path, clip=DIR)` on released weights (an
+UnCLIPImageVariationPipeline directory brings its own tower):
 
   variations   encode an image to its CLIP image embedding, DDIM-invert it with the decoder to
                x_T, decode again with DDIM eta > 0 (eta = 0 reconstructs the image)
@@ -29,17 +31,32 @@ def slerp(a, b, t):
     return u * ((1 - t) * na + t * nb)
 
 
+#: how to get the CLIP image tower the manipulations and reranking need
+NEEDS_TOWER = ("build the pipeline with UnCLIPPipeline.from_workdir(W), or with "
+               "from_diffusers(path, clip=DIR) where DIR is a transformers CLIP or an "
+               "UnCLIPImageVariationPipeline directory")
+
+
 def _seed_after(seed: int, k: int = 1) -> int:
     """seed + k wrapped into the signed 64-bit range jax.random.key takes (the same key as
     seed + k wherever that is in range)."""
     return (int(seed) + k + 2 ** 63) % 2 ** 64 - 2 ** 63
 
 
+#: the timestep spacing of the manipulations' DDIM (inversion and decoding): ADM's "ddimN"
+#: (stride T // n from 0, as GLIDE's and the paper's code), for any n. Not the sampler's "even"
+#: spacing, which starts at t = T - 1: under the capped cosine schedule abar there is 2.4e-9,
+#: so an eps-predicting decoder's x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) multiplies any
+#: difference between eps at the top step and eps where the inversion came from by ~2e4, and no
+#: inversion round trip survives it (measured on an imported Karlo-type decoder whose eps is
+#: 1e-4 small: 115 grey levels rms off; with this spacing 0.05).
+SPACING = "leading"
+
+
 class Manipulator:
     def __init__(self, pipe, steps: int = 25, guidance: float = 1.0):
         if getattr(pipe, "clip", None) is None:
-            raise ValueError("manipulations need the CLIP image tower: use "
-                             "UnCLIPPipeline.from_workdir")
+            raise ValueError(f"manipulations need the CLIP image tower: {NEEDS_TOWER}")
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         g = float(guidance)
@@ -65,7 +82,8 @@ class Manipulator:
         """DDIM inversion (eta = 0) of images to the decoder's x_T."""
         embeds = self.embed(images_u8) if embeds is None else embeds
         cond, _ = self._null_text(len(images_u8))
-        return self.pipe.invert_decoder(self._x0(images_u8), embeds, cond, steps=self.steps)
+        return self.pipe.invert_decoder(self._x0(images_u8), embeds, cond, steps=self.steps,
+                                        spacing=SPACING)
 
     def decode(self, embeds, x_T, *, eta: float = 0.0, seed: int = 0, upsample: bool = True):
         """DDIM decode CLIP image embeddings from x_T -> uint8 images."""
@@ -73,7 +91,8 @@ class Manipulator:
         cond, uncond = self._null_text(n)
         low = self.pipe.sample_decoder(embeds, cond, uncond, steps=self.steps,
                                        guidance=self.guidance, rng=jax.random.key(seed),
-                                       latents=x_T, method="ddim", eta=eta, clip=eta > 0)
+                                       latents=x_T, method="ddim", eta=eta, clip=eta > 0,
+                                       spacing=SPACING)
         if upsample and self.pipe.super_res_first is not None:
             out = self.pipe.sample_super_res(low, rng=jax.random.key(_seed_after(seed)))
         else:
@@ -89,8 +108,9 @@ class Manipulator:
                            upsample=upsample)
 
     def interpolate(self, image_a, image_b, steps: int = 5, noise: str = "interpolate",
-                    seed: int = 0):
-        """noise: 'interpolate' (slerp between the two inverted x_T) or 'fixed' (one random x_T)."""
+                    seed: int = 0, upsample: bool = True):
+        """noise: 'interpolate' (slerp between the two inverted x_T) or 'fixed' (one random x_T).
+        `upsample=False`: the decoder's images (no upsampler)."""
         if noise not in ("interpolate", "fixed"):
             raise ValueError(f"noise must be 'interpolate' or 'fixed', got {noise!r}")
         if steps < 2:
@@ -107,10 +127,10 @@ class Manipulator:
         else:
             xs = self.invert(imgs, emb).reshape(2, -1)
             x_T = slerp(xs[0][None], xs[1][None], ts).reshape(steps, self.size, self.size, 3)
-        return self.decode(z, x_T, seed=seed)
+        return self.decode(z, x_T, seed=seed, upsample=upsample)
 
     def textdiff(self, image_u8, text_from: str, text_to: str, steps: int = 5,
-                 max_theta: float = 0.5, seed: int = 0):
+                 max_theta: float = 0.5, seed: int = 0, upsample: bool = True):
         if not text_to.strip():
             raise ValueError("textdiff needs a non-empty target text (--to)")
         _check_count(steps, "steps")
@@ -125,7 +145,7 @@ class Manipulator:
         thetas = jnp.linspace(0.0, max_theta, steps)[:, None]
         # slerp the direction, keep the image embedding's norm
         z = slerp(emb, z_d[None] * jnp.linalg.norm(emb), thetas)
-        return self.decode(z, jnp.repeat(x_T, steps, 0), seed=seed)
+        return self.decode(z, jnp.repeat(x_T, steps, 0), seed=seed, upsample=upsample)
 
 
 def _check_count(n, name):
@@ -144,7 +164,7 @@ def rerank_batches(pipe, prompts, candidates: int, *, num_images_per_prompt: int
     one batch and the candidates of one image.
     """
     if getattr(pipe, "clip", None) is None:
-        raise ValueError("reranking needs the CLIP image tower: use UnCLIPPipeline.from_workdir")
+        raise ValueError(f"reranking needs the CLIP image tower: {NEEDS_TOWER}")
     if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) \
             or candidates < 1:
         raise ValueError(f"--rerank needs a positive number of candidates, got {candidates}")
@@ -179,7 +199,7 @@ def _reranked(pipe, prompts, candidates, num_images_per_prompt, batches):
 def rerank(pipe, prompts, candidates: int, *, seed: int = 0, **gen_kw) -> np.ndarray:
     """Generate `candidates` images per prompt and keep each prompt's best by CLIP score."""
     if getattr(pipe, "clip", None) is None:
-        raise ValueError("reranking needs the CLIP image tower: use UnCLIPPipeline.from_workdir")
+        raise ValueError(f"reranking needs the CLIP image tower: {NEEDS_TOWER}")
     if candidates < 1:
         raise ValueError(f"--rerank needs a positive number of candidates, got {candidates}")
     imgs = pipe.generate(prompts, seed=seed, num_images_per_prompt=candidates, **gen_kw)

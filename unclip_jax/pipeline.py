@@ -2,8 +2,9 @@
 
 Every stage samples through the one jitted `lax.scan` sampler (`unclip_jax.diffusion.Sampler`);
 classifier-free guidance is one batched call on [cond, uncond]. The pipeline holds the models'
-configs and params and composes them; it is built from a diffusers UnCLIPPipeline directory
-(`UnCLIPPipeline.from_diffusers`), from a workdir of trained stages (`from_workdir`) or from
+configs and params and composes them; it is built from a diffusers UnCLIPPipeline or
+UnCLIPImageVariationPipeline directory (`UnCLIPPipeline.from_diffusers`, with a CLIP image tower
+as `pipe.clip` for the manipulations), from a workdir of trained stages (`from_workdir`) or from
 components. The upsamplers run in order, each one step of the cascade (`unclip_jax.cascade`).
 """
 from __future__ import annotations
@@ -60,6 +61,15 @@ def check_text(text: str, what: str = "a prompt") -> str:
         where = (f"byte {bad[:4].hex(' ')}" if bad else f"{e.reason}") + f" at character {e.start}"
         raise ValueError(f"{what} {text!r} is not valid UTF-8 text ({where})".strip()) from None
     return text
+
+
+def no_prior_message(path: str) -> str:
+    """The one sentence for text-to-image asked of an UnCLIPImageVariationPipeline."""
+    return (f"{path} is an UnCLIPImageVariationPipeline (image variations): it has no prior to "
+            f"turn text into a CLIP image embedding, so it cannot make images from text; use it "
+            f"for variations, interpolate and textdiff (e.g. `unclip-jax variations --pipeline "
+            f"{path} --image IMG`), or load an UnCLIPPipeline directory (e.g. karlo-v1-alpha) "
+            f"for text-to-image")
 
 
 def _fold(rng, data):
@@ -137,7 +147,7 @@ class UnCLIPPipeline:
     order; `image_size` is the last step's.
     """
 
-    def __init__(self, tokenizer, text_encoder: tuple[Any, Any], prior: Component,
+    def __init__(self, tokenizer, text_encoder: tuple[Any, Any], prior: Component | None,
                  decoder: Component, super_res_first: Component | UpsamplerStep | None,
                  super_res_last: Component | None = None, *,
                  more_upsamplers: Sequence[Component | UpsamplerStep] = (),
@@ -187,7 +197,11 @@ class UnCLIPPipeline:
         # model functions are built once, so each sampler's jitted loop compiles once
         text_model = CLIPTextModelWithProjection(self.text_config)
         self._encode = jax.jit(lambda p, ids: text_model.apply({"params": p}, ids))
-        self._prior_fn = prior_lib.denoiser(prior.config)
+        # no prior (an UnCLIPImageVariationPipeline): the manipulations only; text-to-image
+        # says why not (`no_prior_reason`)
+        self._prior_fn = None if prior is None else prior_lib.denoiser(prior.config)
+        self.no_prior_reason = "this pipeline has no prior, so it cannot make images from text"
+        self.clip = None  # the CLIP image tower (embed_images), for the manipulations
         self._decoder_fn = decoder_lib.denoiser(decoder.config)
         dec_diffusion = GaussianDiffusion(decoder.sampling.diffusion)
         self._decoder_x0 = jax.jit(lambda p, x, t, c: dec_diffusion.p_mean_variance(
@@ -200,17 +214,54 @@ class UnCLIPPipeline:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_diffusers(cls, path: str, **kw) -> "UnCLIPPipeline":
-        """Load a diffusers UnCLIPPipeline directory saved on disk (nothing is downloaded)."""
+    def from_diffusers(cls, path: str, clip=None, **kw) -> "UnCLIPPipeline":
+        """Load a diffusers UnCLIPPipeline or UnCLIPImageVariationPipeline directory saved on
+        disk (nothing is downloaded).
+
+        `clip`, the CLIP image tower the manipulations (`unclip_jax.manipulate`) and reranking
+        need, becomes `pipe.clip`: a transformers CLIPModel or CLIPVisionModelWithProjection
+        directory, an UnCLIPImageVariationPipeline directory (its image_encoder and
+        feature_extractor), or a tower object with `embed_images`. An
+        UnCLIPImageVariationPipeline `path` brings its own (used unless `clip` is given); it has
+        no prior, so text-to-image (`generate`) refuses it while the manipulations run. A tower
+        whose embedding width is not the decoder's is refused before anything is loaded.
+        """
+        from unclip_jax.convert.diffusers_pipeline import (VARIATION_CLASS, check_pipeline_dir,
+                                                           decoder_clip_dim)
+        from unclip_jax.workdir import check_image_tower_dir, load_image_tower
+
+        variation = check_pipeline_dir(path)["_class_name"] == VARIATION_CLASS
+        if clip is None and variation:
+            clip = path
+        want = None if clip is None else decoder_clip_dim(path)
+        if isinstance(clip, (str, os.PathLike)):
+            clip = os.fspath(clip)
+            got = check_image_tower_dir(clip).embed_dim
+            where = f"the CLIP image tower of {clip}"
+        elif clip is not None:
+            got, where = getattr(clip, "embed_dim", None), "the CLIP image tower given"
+        if clip is not None and got is not None and int(got) != want:
+            raise ValueError(f"{where} makes {got}-dim image embeddings, but the decoder of "
+                             f"{path} takes {want}-dim CLIP image embeddings")
         enable_compilation_cache()  # before the conversion's first programs compile
         c = load_components(path)
         last = c["super_res_last"]
-        return cls(
-            c["tokenizer"], c["text_encoder"],
-            Component(*c["prior"], c["prior_sampling"]),
+        prior = None if c["prior"] is None else Component(*c["prior"], c["prior_sampling"])
+        pipe = cls(
+            c["tokenizer"], c["text_encoder"], prior,
             Component(*c["decoder"], c["decoder_sampling"]),
             Component(*c["super_res_first"], c["super_res_sampling"]),
             Component(*last, c["super_res_sampling"]) if last is not None else None, **kw)
+        if prior is None:
+            pipe.no_prior_reason = no_prior_message(path)
+        if isinstance(clip, str):
+            tower_kw = {} if kw.get("dtype") is None else dict(dtype=kw["dtype"],
+                                                               param_dtype=kw["dtype"])
+            if kw.get("attention_impl") not in (None, "xla"):
+                tower_kw["attention_impl"] = kw["attention_impl"]
+            clip = load_image_tower(clip, **tower_kw)
+        pipe.clip = clip
+        return pipe
 
     @classmethod
     def from_workdir(cls, workdir: str, *, upsampler: bool = True, **kw) -> "UnCLIPPipeline":
@@ -262,12 +313,13 @@ class UnCLIPPipeline:
 
     # ------------------------------------------------------------------ pieces
     def _sampler(self, stage: str, steps: int, coefficient_dtype: str, method: str | None = None,
-                 eta: float | None = None, clip: bool = True, step: int = 0) -> Sampler:
+                 eta: float | None = None, clip: bool = True, step: int = 0,
+                 spacing: str = "even") -> Sampler:
         """The stage's sampler ("super_res": that of cascade step `step`); method / eta None:
         the stage's defaults (StageSampling)."""
         sampling = (self.upsamplers[step].sampling if stage == "super_res"
                     else {"prior": self.prior, "decoder": self.decoder}[stage].sampling)
-        key = (stage, step, steps, coefficient_dtype, method, eta, clip)
+        key = (stage, step, steps, coefficient_dtype, method, eta, clip, spacing)
         if key not in self._samplers:
             if stage == "super_res":
                 last_t = int(Sampler.for_stage(None, sampling, steps).timesteps[-1])
@@ -276,7 +328,8 @@ class UnCLIPPipeline:
                 fn, label = {"prior": self._prior_fn, "decoder": self._decoder_fn}[stage], stage
             self._samplers[key] = Sampler.for_stage(
                 fn, sampling, steps, method=method, eta=eta, clip=clip,
-                coefficient_dtype=coefficient_dtype, progress=label if self.progress else False)
+                coefficient_dtype=coefficient_dtype, progress=label if self.progress else False,
+                spacing=spacing)
         return self._samplers[key]
 
     def _run(self, name: str, sampler: Sampler, params, x, cond, uncond=None, **kw):
@@ -399,6 +452,8 @@ class UnCLIPPipeline:
         """(validated prompts, decoder guidance with the decoder's default filled in)."""
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {', '.join(map(repr, PRIORS))}, got {prior!r}")
+        if prior == "diffusion" and self.prior is None:
+            raise ValueError(self.no_prior_reason)
         if prior == "ar":
             if self.ar_prior is None:
                 raise ValueError("this pipeline has no AR prior: train one into the workdir with "
@@ -495,6 +550,8 @@ class UnCLIPPipeline:
                      coefficient_dtype: str = "float64"):
         """CLIP image embeddings [N, E] for the text conditioning; with candidates k > 1 the one
         closest to the text embedding of k draws is kept (the paper)."""
+        if self.prior is None:
+            raise ValueError(self.no_prior_reason)
         pcfg = self.prior.config
         n = cond["text_embed"].shape[0]
         k = candidates
@@ -541,17 +598,20 @@ class UnCLIPPipeline:
     def sample_decoder(self, image_embeds, cond, uncond=None, *, steps: int = 25,
                        guidance: float | None = None, rng=None, latents=None, noise=None,
                        method: str | None = None, eta: float | None = None, clip: bool = True,
-                       coefficient_dtype: str = "float64", null_image: bool = False):
+                       coefficient_dtype: str = "float64", null_image: bool = False,
+                       spacing: str = "even"):
         """Decoder images [N, h, w, 3] in [-1, 1] for CLIP image embeddings (+ text).
         guidance / method / eta None: the decoder's defaults (StageSampling). `clip=False`
         samples without clipping x0 (to mirror an unclipped DDIM inversion). `null_image`:
         the conditional branch too gets the learned null image embedding (`image_embeds`
-        unused): the caption alone conditions the image, GLIDE-like."""
+        unused): the caption alone conditions the image, GLIDE-like. `spacing`: of the
+        timesteps (`schedule.sampling_timesteps`; the manipulations' DDIM takes "leading")."""
         if guidance is None:
             guidance = self.decoder_guidance_default
         dcfg = self.decoder.config.unet
         n = image_embeds.shape[0]
-        sampler = self._sampler("decoder", steps, coefficient_dtype, method, eta, clip)
+        sampler = self._sampler("decoder", steps, coefficient_dtype, method, eta, clip,
+                                spacing=spacing)
         x = latents
         if x is None:
             x = random_normal(_fold(rng, 0), (n, dcfg.sample_size, dcfg.sample_size, 3))
@@ -570,10 +630,13 @@ class UnCLIPPipeline:
         dc, _ = self._decoder_inputs(image_embeds, cond, None)
         return self._decoder_x0(self.decoder.params, x_t, jnp.asarray(t), dc)
 
-    def invert_decoder(self, images, image_embeds, cond, *, steps: int = 25):
+    def invert_decoder(self, images, image_embeds, cond, *, steps: int = 25,
+                       spacing: str = "even"):
         """DDIM inversion of decoder-resolution images [N, h, w, 3] in [-1, 1] to their x_T,
-        conditioned on their CLIP image embeddings (unguided, deterministic)."""
-        sampler = self._sampler("decoder", steps, "float64", "ddim", 0.0, clip=False)
+        conditioned on their CLIP image embeddings (unguided, deterministic), over the
+        timesteps `sample_decoder(..., steps=steps, spacing=spacing)` decodes them back on."""
+        sampler = self._sampler("decoder", steps, "float64", "ddim", 0.0, clip=False,
+                                spacing=spacing)
         dc, _ = self._decoder_inputs(image_embeds, cond, None)
         return sampler.invert(self.decoder.params, images, dc)
 

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.diffusion import DiffusionConfig, StageSampling
-from unclip_jax.images import clip_pixels
+from unclip_jax.images import ClipPreprocess, clip_pixels
 from unclip_jax.models.clip import (
-    CLIPConfig, CLIPTextModelWithProjection, CLIPVisionModelWithProjection)
+    CLIPConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection)
 
 RECORD_FILE = "config.json"
 RECORD_VERSION = 2
@@ -311,14 +311,66 @@ def load_stage(stage_dir: str, *, which: str = "ema_params",
 
 # ------------------------------------------------------------------------------ frozen CLIP
 @dataclasses.dataclass
+class CLIPImageTower:
+    """A CLIP vision tower with its projection and its preprocessing: uint8 images -> CLIP image
+    embeddings. The image half of a `FrozenCLIP`, and on its own the `pipe.clip` of an imported
+    pipeline (`load_image_tower`: a transformers CLIPModel / CLIPVisionModelWithProjection or a
+    diffusers UnCLIPImageVariationPipeline's image encoder)."""
+
+    config: CLIPVisionConfig          # with its projection_dim
+    params: Any                       # {"vision_model", "visual_projection"}
+    preprocess: ClipPreprocess
+    source: str = ""
+
+    def __post_init__(self):
+        out = self.preprocess.output_shape()
+        size = int(self.config.image_size)
+        if out != (size, size):
+            made = "images of the input's shape" if out is None else f"{out[0]}x{out[1]} pixels"
+            raise ValueError(f"the CLIP preprocessing of {self.source or 'this tower'} makes "
+                             f"{made}, but its vision tower takes {size}x{size}")
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.config.projection_dim)
+
+    def encode_image(self, vision_params, pixels):
+        """CLIP's normalised pixels [B, S, S, 3] -> image embeddings [B, E] (unnormalised)."""
+        out = CLIPVisionModelWithProjection(self.config).apply({"params": vision_params}, pixels)
+        return out["image_embeds"]
+
+    def encode_images_uint8(self, vision_params, images_uint8):
+        """uint8 images [B, H, W, 3] (any size: preprocessed as `preprocess` says, on device)
+        -> embeddings [B, E]."""
+        return self.encode_image(vision_params, clip_pixels(images_uint8, self.preprocess))
+
+    @functools.cached_property
+    def _jitted_image_encoder(self):
+        return jax.jit(self.encode_images_uint8)
+
+    def embed_images(self, images_uint8, batch: int = 256) -> np.ndarray:
+        """Host convenience: uint8 images [N, H, W, 3] -> float32 embeddings [N, E], jitted once
+        (a shape), in chunks of `batch`."""
+        images_uint8 = np.asarray(images_uint8)
+        out = [np.asarray(self._jitted_image_encoder(self.params,
+                                                     jnp.asarray(images_uint8[i:i + batch])))
+               for i in range(0, len(images_uint8), batch)]
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+
+@dataclasses.dataclass
 class FrozenCLIP:
-    """A trained CLIP split into its towers: configs, params and the tokenizer's location."""
+    """A trained CLIP split into its towers: configs, params and the tokenizer's location; its
+    image half is `image_tower` (a `CLIPImageTower`)."""
 
     config: CLIPConfig
     text_params: Any
     vision_params: Any
     tokenizer_path: str | None
     source: str = ""
+    #: how images become its pixels; None: `ClipPreprocess.for_size(image_size)` (a CLIP
+    #: trained here); a transformers CLIP directory's preprocessor_config.json otherwise
+    preprocess: ClipPreprocess | None = None
 
     @property
     def text_config(self):
@@ -336,6 +388,11 @@ class FrozenCLIP:
     def embed_dim(self) -> int:
         return int(self.config.projection_dim)
 
+    @functools.cached_property
+    def image_tower(self) -> CLIPImageTower:
+        pre = self.preprocess or ClipPreprocess.for_size(self.vision_config.image_size)
+        return CLIPImageTower(self.vision_config, self.vision_params, pre, self.source)
+
     def encode_text(self, text_params, input_ids):
         """-> (text_embeds [B, E] unnormalised, last_hidden_state [B, L, D]); causal mask only."""
         out = CLIPTextModelWithProjection(self.text_config).apply({"params": text_params},
@@ -344,27 +401,16 @@ class FrozenCLIP:
 
     def encode_image(self, vision_params, pixels):
         """CLIP's normalised pixels [B, S, S, 3] -> image embeddings [B, E] (unnormalised)."""
-        out = CLIPVisionModelWithProjection(self.vision_config).apply({"params": vision_params},
-                                                                      pixels)
-        return out["image_embeds"]
+        return self.image_tower.encode_image(vision_params, pixels)
 
     def encode_images_uint8(self, vision_params, images_uint8):
-        """uint8 images [B, H, W, 3] (any size: resized as CLIP's pixels) -> embeddings [B, E]."""
-        return self.encode_image(vision_params,
-                                 clip_pixels(images_uint8, self.vision_config.image_size))
-
-    @functools.cached_property
-    def _jitted_image_encoder(self):
-        return jax.jit(self.encode_images_uint8)
+        """uint8 images [B, H, W, 3] (any size: preprocessed as CLIP's pixels) -> [B, E]."""
+        return self.image_tower.encode_images_uint8(vision_params, images_uint8)
 
     def embed_images(self, images_uint8, batch: int = 256) -> np.ndarray:
         """Host convenience: uint8 images [N, H, W, 3] -> float32 embeddings [N, E], jitted once,
         in chunks of `batch`."""
-        images_uint8 = np.asarray(images_uint8)
-        out = [np.asarray(self._jitted_image_encoder(self.vision_params,
-                                                     jnp.asarray(images_uint8[i:i + batch])))
-               for i in range(0, len(images_uint8), batch)]
-        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+        return self.image_tower.embed_images(images_uint8, batch)
 
     def boxed_abstract(self):
         """Boxed abstract params {'text', 'vision'} (logical names for sharding)."""
@@ -380,6 +426,96 @@ class FrozenCLIP:
         return {"config": self.config.to_dict(), "source": self.source}
 
 
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def read_preprocess(directory: str) -> ClipPreprocess | None:
+    """The CLIPImageProcessor steps of `directory`'s preprocessor_config.json, None without
+    one."""
+    path = os.path.join(directory, PREPROCESSOR_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} is not a CLIPImageProcessor config (a JSON object)")
+    return ClipPreprocess.from_processor_config(d, path)
+
+
+#: what `--clip` / `from_diffusers(clip=...)` take
+IMAGE_TOWER_KINDS = ("a transformers CLIP (CLIPModel or CLIPVisionModelWithProjection) or an "
+                     "UnCLIPImageVariationPipeline directory")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTowerDirs:
+    """Where an image tower's weights and preprocessing live, read from its configs alone."""
+
+    path: str
+    model_dir: str        # config.json + weights of the vision tower (or a whole CLIPModel)
+    processor_dir: str    # where a preprocessor_config.json may be
+    embed_dim: int        # its projection_dim
+
+
+def check_image_tower_dir(path: str) -> ImageTowerDirs:
+    """What `load_image_tower` would read, from the configs alone (nothing is loaded): a clear
+    error for anything that is not a CLIP image tower with a projection."""
+    from unclip_jax.convert.diffusers_pipeline import VARIATION_CLASS, check_pipeline_dir
+    from unclip_jax.convert.hf_clip import clip_config_from_hf, hf_kind
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a directory: give {IMAGE_TOWER_KINDS}")
+    if os.path.exists(os.path.join(path, "model_index.json")):
+        info = check_pipeline_dir(path)
+        if info.get("_class_name") != VARIATION_CLASS:
+            raise ValueError(f"{path} holds a diffusers {info.get('_class_name')}, which has no "
+                             f"CLIP image encoder: give {IMAGE_TOWER_KINDS}")
+        model_dir = os.path.join(path, "image_encoder")
+        processor_dir = os.path.join(path, "feature_extractor")
+    else:
+        model_dir = processor_dir = path
+    cfg_path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{path} has no {os.path.relpath(cfg_path, path)}: give "
+                                f"{IMAGE_TOWER_KINDS}")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        kind = hf_kind(cfg)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError) as e:
+        raise ValueError(f"{cfg_path} is not a transformers CLIP config ({e})") from None
+    if kind == "text":
+        raise ValueError(f"{cfg_path} is a CLIP text model, not an image tower: give "
+                         f"{IMAGE_TOWER_KINDS}")
+    archs = cfg.get("architectures") or ()
+    if kind == "vision" and archs and "CLIPVisionModelWithProjection" not in archs:
+        raise ValueError(f"{cfg_path} is a {archs[0]} without the visual projection that makes "
+                         f"CLIP image embeddings: give {IMAGE_TOWER_KINDS}")
+    dim = clip_config_from_hf(cfg, kind="vision").projection_dim
+    return ImageTowerDirs(path, model_dir, processor_dir, int(dim))
+
+
+def load_image_tower(path: str, **overrides) -> CLIPImageTower:
+    """The CLIP image tower of a transformers CLIPModel or CLIPVisionModelWithProjection
+    directory (save_pretrained), or of a diffusers UnCLIPImageVariationPipeline directory (its
+    image_encoder and feature_extractor), preprocessing as its preprocessor_config.json says
+    (transformers' CLIPImageProcessor defaults at the tower's image size without one).
+    `overrides` (dtype, param_dtype, attention_impl) go to the tower's config."""
+    from unclip_jax.convert.hf_clip import load_hf_clip
+
+    dirs = check_image_tower_dir(path)
+    _, config, params = load_hf_clip(dirs.model_dir, kind="vision", **overrides)
+    if config.projection_dim is None:
+        raise ValueError(f"{dirs.model_dir} holds no visual_projection (a CLIPVisionModel): "
+                         f"give {IMAGE_TOWER_KINDS}")
+    size = int(config.image_size)
+    pre = read_preprocess(dirs.processor_dir) or ClipPreprocess(size=size, crop=(size, size))
+    return CLIPImageTower(config, params, pre, source=absolute_path(path))
+
+
 def load_frozen_clip(path: str) -> FrozenCLIP:
     """A CLIP from our CLIP stage's directory (its EMA params) or a transformers CLIPModel dir."""
     if not os.path.isdir(path):
@@ -389,15 +525,18 @@ def load_frozen_clip(path: str) -> FrozenCLIP:
         st = load_stage(path, expect="clip")
         config, params = st.config, st.params
         tok = st.record.paths.get("tokenizer") or None
+        preprocess = None
     else:
         from unclip_jax.convert.hf_clip import load_hf_clip
 
         _, config, params = load_hf_clip(path, kind="clip")
         tok = path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else None
+        preprocess = read_preprocess(path)
     text = {"text_model": params["text_model"], "text_projection": params["text_projection"]}
     vision = {"vision_model": params["vision_model"],
               "visual_projection": params["visual_projection"]}
-    return FrozenCLIP(config, text, vision, tok, source=absolute_path(path))
+    return FrozenCLIP(config, text, vision, tok, source=absolute_path(path),
+                      preprocess=preprocess)
 
 
 # ------------------------------------------------------------------------------ a whole stack

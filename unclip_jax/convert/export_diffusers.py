@@ -744,7 +744,9 @@ def export_pipeline(path: str, out_dir: str, *, log: Callable[[str], None] | Non
     from unclip_jax.convert.diffusers_pipeline import check_pipeline_dir, load_components
 
     check_out_dir(out_dir)
-    check_pipeline_dir(path)
+    if check_pipeline_dir(path)["_class_name"] != "UnCLIPPipeline":
+        raise ValueError(f"{path} is an UnCLIPImageVariationPipeline: it has no prior, and "
+                         f"export writes UnCLIPPipeline directories, which need one")
     (log or (lambda m: None))(f"reading the diffusers pipeline {path}")
     return export_components(load_components(path), out_dir, log=log)
 

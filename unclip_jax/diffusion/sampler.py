@@ -358,14 +358,15 @@ class Sampler:
     @classmethod
     def for_stage(cls, model_fn: ModelFn, stage: StageSampling, steps: int, *,
                   method: str | None = None, eta: float | None = None, clip: bool = True,
-                  coefficient_dtype: str = "float64", progress: str | bool = False
-                  ) -> "Sampler":
+                  coefficient_dtype: str = "float64", progress: str | bool = False,
+                  spacing: str = "even") -> "Sampler":
         """The sampler of a trained model as its `StageSampling` says (method, eta and x0 clip
         range; `method` / `eta` override them, `clip=False` turns clipping off), over `steps`
-        evenly spaced timesteps."""
+        timesteps spaced by `spacing` (`schedule.sampling_timesteps`; default evenly over
+        [0, T - 1])."""
         scfg = SamplingConfig(method=stage.method if method is None else method,
                               eta=stage.eta if eta is None else float(eta), steps=steps,
-                              spacing="even", clip_x0=stage.clip_x0 if clip else None,
+                              spacing=spacing, clip_x0=stage.clip_x0 if clip else None,
                               coefficient_dtype=coefficient_dtype)
         return cls(model_fn, stage.diffusion, scfg, progress=progress)
 
