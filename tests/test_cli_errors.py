@@ -355,7 +355,6 @@ def test_bad_counts(stack, tmp_path, capsys, no_work):
             (interp + ["--num", "1"], "interpolate", "--num"),
             (td + ["--num", "0"], "textdiff", "--num"),
             (td + ["--num", "-1"], "textdiff", "--num"),
-            (train + ["--stop-at", "0"], "train", "--stop-at"),
             (train + ["--stop-at", "-5"], "train", "--stop-at"),
             (ev + ["--single", "0", "--two", "0", "--heldout", "0"], "eval", "--single"),
             (ev + ["--two", "-1"], "eval", "--two"),

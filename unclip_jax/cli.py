@@ -564,8 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", required=True,
                    help="checkpoints go to WORKDIR/<stage>/ (WORKDIR/<config.stage_dir>/ when "
                         "set, e.g. upsampler2)")
-    t.add_argument("--stop-at", type=_positive, default=None,
-                   help="stop (with a checkpoint) at this step; the same command resumes")
+    t.add_argument("--stop-at", type=_int_in(0), default=None,
+                   help="stop (with a checkpoint) at this step; the same command resumes "
+                        "(0: save the initial, e.g. imported, state and train nothing)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
 

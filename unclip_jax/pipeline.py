@@ -230,6 +230,7 @@ class UnCLIPPipeline:
                                                            decoder_clip_dim)
         from unclip_jax.workdir import check_image_tower_dir, load_image_tower
 
+        enable_compilation_cache()  # before anything is read or its first programs compile
         variation = check_pipeline_dir(path)["_class_name"] == VARIATION_CLASS
         if clip is None and variation:
             clip = path
@@ -243,7 +244,6 @@ class UnCLIPPipeline:
         if clip is not None and got is not None and int(got) != want:
             raise ValueError(f"{where} makes {got}-dim image embeddings, but the decoder of "
                              f"{path} takes {want}-dim CLIP image embeddings")
-        enable_compilation_cache()  # before the conversion's first programs compile
         c = load_components(path)
         last = c["super_res_last"]
         prior = None if c["prior"] is None else Component(*c["prior"], c["prior_sampling"])
