@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from peers import nchw_to_nhwc, tiny_unclip_pipeline  # noqa: E402
-from test_pipeline import _peer_noise  # noqa: E402
+from test_pipeline import _peer_images, _peer_noise  # noqa: E402
 
 from unclip_jax.cli import main  # noqa: E402
 from unclip_jax.convert.export_diffusers import ExportError, export_workdir  # noqa: E402
@@ -158,13 +158,7 @@ def test_b_an_exported_workdir_samples_in_diffusers_as_ours(both, prompts, guida
             seen[_n] = o.prev_sample.detach().clone()
             return o
         sched.step = step
-    ref = peer(prompts, prior_num_inference_steps=STEPS["prior"],
-               decoder_num_inference_steps=STEPS["decoder"],
-               super_res_num_inference_steps=STEPS["super_res"],
-               generator=torch.Generator().manual_seed(5), prior_latents=latents["prior"],
-               decoder_latents=latents["decoder"], super_res_latents=latents["super_res"],
-               prior_guidance_scale=guidance[0], decoder_guidance_scale=guidance[1],
-               output_type="np").images
+    ref = _peer_images(peer, prompts, latents, guidance, STEPS)
     noise = _peer_noise(peer, STEPS, shapes, 5)
     res = ours.generate_float(
         prompts, prior_steps=STEPS["prior"], decoder_steps=STEPS["decoder"],

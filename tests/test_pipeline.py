@@ -48,6 +48,18 @@ def _peer_noise(peer, steps, shapes, seed):
     return out
 
 
+def _peer_images(peer, prompts, latents, guidance, steps=STEPS, seed=5):
+    """diffusers' images [N, H, W, 3] for the given initial latents, its noise drawn from one
+    generator seeded `seed` (what `_peer_noise` replays)."""
+    return peer(prompts, prior_num_inference_steps=steps["prior"],
+                decoder_num_inference_steps=steps["decoder"],
+                super_res_num_inference_steps=steps["super_res"],
+                generator=torch.Generator().manual_seed(seed), prior_latents=latents["prior"],
+                decoder_latents=latents["decoder"], super_res_latents=latents["super_res"],
+                prior_guidance_scale=guidance[0], decoder_guidance_scale=guidance[1],
+                output_type="np").images
+
+
 @pytest.mark.parametrize("prompts,guidance", [
     (["a red circle", "blue square!"], (4.0, 8.0)),
     (["", "a long prompt that gets cut by the context"], (2.5, 1.0)),
@@ -62,13 +74,7 @@ def test_pipeline_matches_diffusers(peer_and_dir, ours, prompts, guidance):
     shapes = dict(prior=(n, d), decoder=(n, 3, ds, ds), super_res=(n, 3, ss, ss))
     g = torch.Generator().manual_seed(11)
     latents = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
-    out = peer(prompts, prior_num_inference_steps=STEPS["prior"],
-               decoder_num_inference_steps=STEPS["decoder"],
-               super_res_num_inference_steps=STEPS["super_res"],
-               generator=torch.Generator().manual_seed(5), prior_latents=latents["prior"],
-               decoder_latents=latents["decoder"], super_res_latents=latents["super_res"],
-               prior_guidance_scale=guidance[0], decoder_guidance_scale=guidance[1],
-               output_type="np").images
+    out = _peer_images(peer, prompts, latents, guidance)
     noise = _peer_noise(peer, STEPS, shapes, 5)
     with pytest.warns(UserWarning, match="longer than the context") if "long" in prompts[1] \
             else _no_warning():

@@ -39,6 +39,7 @@ import re
 from typing import Any, Callable
 
 import numpy as np
+from flax import traverse_util
 
 from unclip_jax.workdir import RECORD_FILE, has_checkpoints
 
@@ -309,24 +310,13 @@ def _to_host(tree):
 
 
 # ------------------------------------------------------------------------------ fit
-def _flat(tree, prefix="") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def _flat(tree) -> dict[str, Any]:
+    """{'a/b': leaf} of a nested dict."""
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def _unflat(flat: dict[str, Any]) -> dict:
-    out: dict = {}
-    for name, v in flat.items():
-        node, parts = out, name.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return out
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _as_dict_tree(tree) -> dict:

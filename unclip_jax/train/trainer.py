@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from unclip_jax.train import flops as flops_lib
 from unclip_jax.train.checkpoint import StageCheckpointer
@@ -464,8 +465,9 @@ def train(stage, config, workdir: str, *, stop_at_step: int | None = None,
     writer = metric_writers.create_default_writer(os.path.join(stage_dir, "tb"),
                                                   just_logging=pi > 0)
     if start == 0 and pi == 0:
-        writer.write_hparams({k: v for k, v in _flat(json.loads(config.to_json_best_effort()))
-                              .items() if isinstance(v, (int, float, str, bool))})
+        hparams = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
+        writer.write_hparams({k: v for k, v in hparams.items()
+                              if isinstance(v, (int, float, str, bool))})
     preempted = {"flag": False}
     old_handler = _install_sigterm(preempted)
     batches = stage.batches(batch_size=per_host, seed=int(config.seed), start_step=start,
@@ -560,13 +562,3 @@ def _install_sigterm(flag: dict):
         return signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not in the main thread
         return None
-
-
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
