@@ -233,3 +233,19 @@ def test_bad_config_errors():
         GaussianDiffusion(DiffusionConfig()).loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)),
                                                   jnp.zeros((1, 2)), jnp.array([1]),
                                                   loss_type="hybrid")
+
+
+@pytest.mark.parametrize("mean,std", [(0.0, 1.0), (0.5, 0.8)])
+def test_logit_normal_timesteps_follow_their_cdf(diff, mean, std):
+    """t = floor(T sigmoid(u)), u ~ N(mean, std^2): P(t < k) = Phi((logit(k / T) - mean) / std)."""
+    t = np.asarray(diff.sample_timesteps(jax.random.key(0), 40000, mean, std))
+    assert t.min() >= 0 and t.max() <= 999 and t.dtype == np.int32
+    ks = np.arange(50, 1000, 50)
+    want = np.array([0.5 * (1 + math.erf((math.log(k / (1000 - k)) - mean) / (std * math.sqrt(2))))
+                     for k in ks])
+    got = np.array([np.mean(t < k) for k in ks])
+    assert np.max(np.abs(got - want)) < 0.01, (got, want)
+    u = np.asarray(diff.sample_timesteps(jax.random.key(1), 40000))  # std 0: uniform
+    assert abs(np.mean(u < 250) - 0.25) < 0.01 and abs(np.mean(u) - 499.5) < 5
+    with pytest.raises(ValueError, match="t_logit_std"):
+        diff.sample_timesteps(jax.random.key(0), 4, 0.0, -1.0)

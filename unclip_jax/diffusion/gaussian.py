@@ -305,10 +305,13 @@ class GaussianDiffusion:
         return loss, aux
 
     def training_loss(self, model_fn, params, x0, cond, rng, *, with_output: bool = False,
-                      **loss_kw):
+                      t_logit_mean: float = 0.0, t_logit_std: float = 0.0, **loss_kw):
         """The diffusion training loss of a denoiser, for every model that trains here.
 
-        Draws t ~ U{0, ..., T-1} and Gaussian noise per example, noises `x0` to x_t and calls
+        Draws t ~ U{0, ..., T-1} (or, with `t_logit_std` > 0, t = floor(T sigmoid(u)) with
+        u ~ N(t_logit_mean, t_logit_std^2): the logit-normal timestep density of Esser et al.
+        2024, which spends the steps on middle noise levels) and Gaussian noise per example,
+        noises `x0` to x_t and calls
         `model_fn(params, x_t, t, cond, train=True, rng=dropout_key)` (the models' `denoiser`
         adapters). `rng` is a key, or an array of three keys (timestep, noise, dropout).
         `loss_kw` are :meth:`loss`'s options (see :func:`loss_options`).
@@ -318,16 +321,27 @@ class GaussianDiffusion:
         typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
         keys = rng if rng.ndim == (1 if typed else 2) else jax.random.split(rng, 3)
         k_t, k_noise, k_dropout = keys[0], keys[1], keys[2]
-        t = jax.random.randint(k_t, (x0.shape[0],), 0, self.num_steps)
+        t = self.sample_timesteps(k_t, x0.shape[0], t_logit_mean, t_logit_std)
         noise = jax.random.normal(k_noise, x0.shape)
         out = model_fn(params, self.q_sample(x0, t, noise), t, cond, train=True, rng=k_dropout)
         loss, aux = self.loss(out, x0, noise, t, **loss_kw)
         return (loss, aux, out) if with_output else (loss, aux)
 
+    def sample_timesteps(self, key, n: int, logit_mean: float = 0.0, logit_std: float = 0.0):
+        """n training timesteps in {0, ..., T-1}: uniform, or logit-normal when logit_std > 0."""
+        if logit_std < 0:
+            raise ValueError(f"t_logit_std must be >= 0, got {logit_std}")
+        if not logit_std:
+            return jax.random.randint(key, (n,), 0, self.num_steps)
+        u = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (n,)))
+        return jnp.clip(jnp.floor(u * self.num_steps), 0, self.num_steps - 1).astype(jnp.int32)
 
-#: config `loss` block key -> :meth:`GaussianDiffusion.loss` keyword
+
+
+#: config `loss` block key -> :meth:`GaussianDiffusion.training_loss` / `loss` keyword
 _LOSS_OPTIONS = {"type": "loss_type", "vlb_weight": "vlb_weight", "p2_gamma": "p2_gamma",
-                 "p2_k": "p2_k", "min_snr_gamma": "min_snr_gamma", "snr_floor": "snr_floor"}
+                 "p2_k": "p2_k", "min_snr_gamma": "min_snr_gamma", "snr_floor": "snr_floor",
+                 "t_logit_mean": "t_logit_mean", "t_logit_std": "t_logit_std"}
 
 
 def loss_options(loss_cfg) -> dict:
