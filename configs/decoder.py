@@ -17,11 +17,12 @@ SIZES = {
     # 34-48%, but the fresh-clone demo then took 19.6 min). 2000 steps is what the demo's
     # 13.5-minute budget leaves for the decoder (README, "The shapes demo"). At a fixed budget
     # many small batches beat few large ones (batch 32 x 450 steps places 31% of single objects
-    # in the right cell, 16 x 900 60%, 8 x 1800 96%). 5000 steps (stop 26): the install and
-    # the other stages take ~6 of the 13.5 minutes on a quiet 2-core machine, the decoder runs
-    # ~14 steps/s, timesteps logit-normal (loss.t_logit_std below).
+    # in the right cell, 16 x 900 60%, 8 x 1800 96%). 7500 steps (stop 26): the install and
+    # the other stages take ~4 of the 13.5 minutes on a quiet 2-core machine and the decoder
+    # runs ~17 steps/s (8 x 5000: a 8 min 43 s fresh-clone demo, 58% csp on 64 prompts);
+    # timesteps logit-normal (loss.t_logit_std below).
     "demo": dict(channels=(32, 64), layers=1, attn=(False, True), head=32, size=32, patch=2,
-                 clip=64, context=64, groups=8, batch=8, steps=5000, image=64),
+                 clip=64, context=64, groups=8, batch=8, steps=7500, image=64),
     "karlo": dict(channels=(320, 640, 960, 1280), layers=3, attn=(False, True, True, True),
                   head=64, size=64, clip=768, context=1536, groups=32, batch=2048,
                   steps=800_000, image=224,
