@@ -14,12 +14,11 @@ SIZES = {
     # 2x2 patches (space-to-depth: the levels run at 16 and 8 px), which halves the step's time
     # at the same learning per step (measured: patch 2 x (32, 64) and the unpatched (16, 32, 64)
     # both place ~30% of single objects fully right after batch 8 x 1800; patched 3600 steps,
-    # 34-48%, but the fresh-clone demo then took 19.6 min). 2000 steps is what the demo's
-    # 13.5-minute budget leaves for the decoder (README, "The shapes demo"). At a fixed budget
+    # 34-48%, but that fresh-clone demo took 19.6 min on a slower day). At a fixed budget
     # many small batches beat few large ones (batch 32 x 450 steps places 31% of single objects
-    # in the right cell, 16 x 900 60%, 8 x 1800 96%). 7500 steps (stop 26): the install and
-    # the other stages take ~4 of the 13.5 minutes on a quiet 2-core machine and the decoder
-    # runs ~17 steps/s (8 x 5000: a 8 min 43 s fresh-clone demo, 58% csp on 64 prompts);
+    # in the right cell, 16 x 900 60%, 8 x 1800 96%). 7500 steps: what the
+    # demo's 13.5-minute budget leaves for the decoder on a quiet 2-core machine (~17 steps/s;
+    # fresh clone 10.9-11.6 min, 69% csp; 8 x 5000: 8.7 min, 58%; README, "The shapes demo");
     # timesteps logit-normal (loss.t_logit_std below).
     "demo": dict(channels=(32, 64), layers=1, attn=(False, True), head=32, size=32, patch=2,
                  clip=64, context=64, groups=8, batch=8, steps=7500, image=64),

@@ -337,7 +337,6 @@ class GaussianDiffusion:
         return jnp.clip(jnp.floor(u * self.num_steps), 0, self.num_steps - 1).astype(jnp.int32)
 
 
-
 #: config `loss` block key -> :meth:`GaussianDiffusion.training_loss` / `loss` keyword
 _LOSS_OPTIONS = {"type": "loss_type", "vlb_weight": "vlb_weight", "p2_gamma": "p2_gamma",
                  "p2_k": "p2_k", "min_snr_gamma": "min_snr_gamma", "snr_floor": "snr_floor",
@@ -346,7 +345,8 @@ _LOSS_OPTIONS = {"type": "loss_type", "vlb_weight": "vlb_weight", "p2_gamma": "p
 
 def loss_options(loss_cfg) -> dict:
     """A stage config's `loss` block (dict or ConfigDict; None: the defaults) -> the keyword
-    arguments of :meth:`GaussianDiffusion.loss`. An unknown key is an error."""
+    arguments of :meth:`GaussianDiffusion.training_loss` (its timestep options and
+    :meth:`GaussianDiffusion.loss`'s). An unknown key is an error."""
     if loss_cfg is None:
         return {}
     d = loss_cfg.to_dict() if hasattr(loss_cfg, "to_dict") else dict(loss_cfg)
