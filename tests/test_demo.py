@@ -94,6 +94,37 @@ def test_the_decoder_samples_as_its_config_records(demo, tmp_path):
     assert np.abs(default - run(method="ddim", eta=0.5, guidance=8.0)).max() > 1e-3
 
 
+def test_the_prior_samples_at_its_recorded_guidance(demo, tmp_path):
+    """configs/prior.py's `sampling.guidance` (the demo's 2, else Karlo's 4) is the scale the
+    pipeline samples the prior at when a call names none; a record without one: 4."""
+    import shutil
+
+    from unclip_jax.pipeline import UnCLIPPipeline
+    from unclip_jax.shapes_demo.run import demo_config
+    from unclip_jax.workdir import RECORD_FILE
+
+    assert float(demo_config("prior", str(tmp_path), "demo").sampling.guidance) == 2.0
+    w = str(tmp_path / "w")
+    shutil.copytree(demo[0], w)
+    path = os.path.join(w, "prior", RECORD_FILE)
+    rec = json.load(open(path))
+    assert rec["sampling"]["guidance"] == 4.0  # the tiny config's
+    prompts = ["a red circle", "a blue square"]
+
+    def embeds(pipe, **kw):
+        return np.asarray(pipe.generate_float(prompts, seed=3, prior_steps=5, decoder_steps=2,
+                                              super_res_steps=2, **kw)["image_embeds"])
+
+    for recorded, want in ((2.5, 2.5), (None, 4.0)):
+        rec["sampling"]["guidance"] = recorded
+        json.dump(rec, open(path, "w"))
+        pipe = UnCLIPPipeline.from_workdir(w, progress=False)
+        assert pipe.prior_guidance_default() == want
+        default = embeds(pipe)
+        np.testing.assert_array_equal(default, embeds(pipe, prior_guidance=want))
+        assert np.abs(default - embeds(pipe, prior_guidance=want + 3.0)).max() > 1e-4
+
+
 def test_variance_explained_closed_form():
     """Unit rows a*onehot(A) (+) b*onehot(B) over a balanced factorial of A (3 levels) x B (2):
     A explains a^2 (1 - 1/3) / (a^2 (1 - 1/3) + b^2 (1 - 1/2)) of the variance."""

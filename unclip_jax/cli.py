@@ -548,8 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ar-top-k", type=_positive, default=None,
                    help="sample the AR prior's codes from the k most likely buckets; default: "
                         "what it records (all)")
-    s.add_argument("--prior-guidance", type=_guidance, default=4.0,
-                   help="classifier-free guidance scale (>= 1; 1 = none)")
+    s.add_argument("--prior-guidance", type=_guidance, default=None,
+                   help="classifier-free guidance scale (>= 1; 1 = none); default: what the "
+                        "prior records (its config's sampling.guidance: 2 for the demo's), "
+                        "else 4 (Karlo's)")
     s.add_argument("--decoder-guidance", type=_guidance, default=None,
                    help="classifier-free guidance scale (>= 1; 1 = none); default: what the "
                         "decoder records (its config's sampling.guidance), 8 for a diffusers "

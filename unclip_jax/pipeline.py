@@ -37,6 +37,7 @@ from unclip_jax.models.unet import super_res_denoiser, upsample_input
 PRIORS = ("diffusion", "ar")
 #: the decoder's guidance scale when neither the call nor the stage names one (Karlo's)
 DEFAULT_DECODER_GUIDANCE = 8.0
+DEFAULT_PRIOR_GUIDANCE = 4.0  # Karlo's
 
 
 @dataclasses.dataclass
@@ -304,6 +305,12 @@ class UnCLIPPipeline:
             return self.decoder.config.unet.sample_size
         return self.upsamplers[-1].sample_size
 
+    def prior_guidance_default(self, prior: str = "diffusion") -> float:
+        """The prior's guidance scale when none is given: what the diffusion prior's stage
+        records (`sampling.guidance` of its config), else 4 (Karlo's); the AR prior: 4."""
+        g = self.prior.sampling.guidance if prior == "diffusion" and self.prior else None
+        return DEFAULT_PRIOR_GUIDANCE if g is None else float(g)
+
     @property
     def decoder_guidance_default(self) -> float:
         """The decoder's guidance scale when none is given: what its stage records, else 8
@@ -379,14 +386,15 @@ class UnCLIPPipeline:
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: str | Sequence[str], *, seed: int = 0, prior_steps: int = 25,
                  decoder_steps: int = 25, super_res_steps: int | Sequence[int] = 7,
-                 prior_guidance: float = 4.0, decoder_guidance: float | None = None,
+                 prior_guidance: float | None = None, decoder_guidance: float | None = None,
                  num_images_per_prompt: int = 1,
                  super_res_method: str | Sequence[str | None] | None = None,
                  prior: str = "diffusion", ar_temperature: float | None = None,
                  ar_top_k: int | None = None) -> np.ndarray:
         """Images for the prompts, uint8 [len(prompts) * num_images_per_prompt, H, W, 3].
 
-        `decoder_guidance` None: the decoder's recorded default (`decoder_guidance_default`).
+        `prior_guidance` / `decoder_guidance` None: the stage's recorded default
+        (`prior_guidance_default(prior)`, `decoder_guidance_default`).
         `super_res_steps`: one int for every upsampler step, or one per step (the paper: 27, 15);
         `super_res_method`: None (each step's recorded method), 'ddpm' / 'ddim' for every step,
         or one per step (None entries: the record's).
@@ -405,7 +413,7 @@ class UnCLIPPipeline:
     def generate_batches(self, prompts: str | Sequence[str], *, num_images_per_prompt: int = 1,
                          batch_size: int = 8, seed: int = 0, prior_steps: int = 25,
                          decoder_steps: int = 25, super_res_steps: int | Sequence[int] = 7,
-                         prior_guidance: float = 4.0, decoder_guidance: float | None = None,
+                         prior_guidance: float | None = None, decoder_guidance: float | None = None,
                          super_res_method: str | Sequence[str | None] | None = None,
                          prior: str = "diffusion", ar_temperature: float | None = None,
                          ar_top_k: int | None = None):
@@ -419,7 +427,7 @@ class UnCLIPPipeline:
         matrix products). That is another draw than `generate`'s, which draws a batch at once.
         Every chunk runs at one batch size (the last is padded), so each stage compiles once.
         """
-        prompts, decoder_guidance = self._checked_request(
+        prompts, prior_guidance, decoder_guidance = self._checked_request(
             prompts, prior_steps, decoder_steps, super_res_steps, prior_guidance,
             decoder_guidance, num_images_per_prompt, super_res_method, prior, ar_temperature,
             ar_top_k)
@@ -449,7 +457,8 @@ class UnCLIPPipeline:
                          prior_guidance, decoder_guidance, num_images_per_prompt,
                          super_res_method=None, prior="diffusion", ar_temperature=None,
                          ar_top_k=None):
-        """(validated prompts, decoder guidance with the decoder's default filled in)."""
+        """(validated prompts, prior guidance, decoder guidance), the guidance scales that are
+        None filled in with the stages' recorded defaults."""
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {', '.join(map(repr, PRIORS))}, got {prior!r}")
         if prior == "diffusion" and self.prior is None:
@@ -462,16 +471,18 @@ class UnCLIPPipeline:
             self.ar_prior.options(ar_temperature, ar_top_k)
         if decoder_guidance is None:
             decoder_guidance = self.decoder_guidance_default
+        if prior_guidance is None:
+            prior_guidance = self.prior_guidance_default(prior)
         prompts = _validate(prompts, dict(prior_steps=prior_steps, decoder_steps=decoder_steps),
                             dict(prior_guidance=prior_guidance, decoder_guidance=decoder_guidance),
                             num_images_per_prompt)
         cascade.steps_per_step(super_res_steps, len(self.upsamplers))
         cascade.methods_per_step(super_res_method, len(self.upsamplers))
-        return prompts, decoder_guidance
+        return prompts, prior_guidance, decoder_guidance
 
     def generate_float(self, prompts, *, seed: int = 0, prior_steps: int = 25,
                        decoder_steps: int = 25, super_res_steps: int | Sequence[int] = 7,
-                       prior_guidance: float = 4.0, decoder_guidance: float | None = None,
+                       prior_guidance: float | None = None, decoder_guidance: float | None = None,
                        num_images_per_prompt: int = 1, prior_candidates: int | None = None,
                        latents: dict | None = None, noise: dict | None = None,
                        coefficient_dtype: str = "float64", row_keys=None,
@@ -490,7 +501,7 @@ class UnCLIPPipeline:
         noise from its own key, whatever the batch around it (`generate_batches`).
         `super_res_steps` / `super_res_method` / `prior` / `ar_*`: as in `generate`.
         """
-        prompts, decoder_guidance = self._checked_request(
+        prompts, prior_guidance, decoder_guidance = self._checked_request(
             prompts, prior_steps, decoder_steps, super_res_steps, prior_guidance,
             decoder_guidance, num_images_per_prompt, super_res_method, prior, ar_temperature,
             ar_top_k)

@@ -44,8 +44,10 @@ class Comparison:
     variant's image embedding."""
 
     def __init__(self, pipe, *, seed: int = 0, batch: int = 64, steps=(25, 25, 7),
-                 guidance=(4.0, None)):
+                 guidance=(None, None)):
         self.pipe, self.ev = pipe, Evaluator(pipe, batch=batch)
+        # None: the diffusion prior's recorded scale, for both priors (compared at one scale)
+        guidance = (self.ev.prior_guidance(guidance[0]), guidance[1])
         self.seed, self.batch, self.steps, self.guidance = seed, batch, steps, guidance
         # the mean norm of real image embeddings (train split), for variant (c)
         scenes = shapes.sample_scenes("train", 256, seed=seed + 1)

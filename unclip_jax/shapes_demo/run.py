@@ -88,7 +88,7 @@ def run_demo(workdir: str = "workdir/demo", seed: int = 0, size: str = "demo",
     pipe = UnCLIPPipeline.from_workdir(workdir, progress=False)
     prompts = [p["prompt"] for p in shapes.prompts_for_eval()]
     t = time.time()
-    images = pipe.generate(prompts * 2, seed=seed, prior_guidance=4.0)  # decoder: its default
+    images = pipe.generate(prompts * 2, seed=seed)  # guidance: what each stage records
     grid = save_grid(os.path.join(workdir, "grid.png"), images, prompts * 2, cols=8, cell=96,
                      title="unclip_jax shapes demo: generated from the prompts under each image")
     times["generate_grid"] = time.time() - t

@@ -74,8 +74,11 @@ class PriorStage(CLIPConditionedStage, Stage):
         return PriorTransformer(self.cfg)
 
     def record(self) -> StageRecord:
-        # the pipeline samples the prior with DDPM (Karlo's), clipping x0 at the model's range
-        sampling = StageSampling(self.diffusion.config, self.cfg.clip_x0, method="ddpm")
+        # the pipeline samples the prior with DDPM (Karlo's), clipping x0 at the model's range,
+        # at the config's guidance scale (sampling.guidance; none: the pipeline's default, 4)
+        g = (self.config.get("sampling") or {}).get("guidance")
+        sampling = StageSampling(self.diffusion.config, self.cfg.clip_x0, method="ddpm",
+                                 guidance=None if g is None else float(g))
         data = {"source": str(self.config.data.source)}
         return StageRecord("prior", self.cfg.to_dict(), sampling, data=data, paths=self.paths(),
                            train=self.config_json())
