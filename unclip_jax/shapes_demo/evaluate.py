@@ -80,10 +80,15 @@ class Evaluator:
         i2t = np.mean(caps[i2t_idx] == caps)
         return {"clip_top1_text_to_image": float(t2i), "clip_top1_image_to_text": float(i2t)}
 
-    def prior_similarity(self, images, captions, *, seed=0, steps=25, guidance=4.0,
+    def prior_guidance(self, guidance) -> float:
+        """A prior guidance scale, None: the prior's recorded default."""
+        return self.pipe.prior_guidance_default() if guidance is None else float(guidance)
+
+    def prior_similarity(self, images, captions, *, seed=0, steps=25, guidance=None,
                          candidates=1) -> dict[str, float]:
         """Mean cosine of the prior's sampled image embeddings with the true ones, against the
-        baseline of using the text embedding itself."""
+        baseline of using the text embedding itself (guidance None: the prior's default)."""
+        guidance = self.prior_guidance(guidance)
         true = _norm(self.image_embeds(images))
         outs, texts = [], []
         for i in range(0, len(captions), self.batch):
@@ -97,10 +102,12 @@ class Evaluator:
         return {"prior_cosine": float(np.mean(np.sum(z * true, -1))),
                 "text_embedding_cosine_baseline": float(np.mean(np.sum(t * true, -1)))}
 
-    def sample(self, prompts, embed, *, seed=0, steps=(25, 25, 7), guidance=(4.0, None)):
+    def sample(self, prompts, embed, *, seed=0, steps=(25, 25, 7), guidance=(None, None),
+               upsample: bool = True):
         """The chunked sampling loop every measurement shares: for each chunk of `batch` prompts
         (chunk i draws from fold_in(key(seed), i)), `embed(i, cond, uncond, rng)` gives the
-        decoder's (image embeddings [b, E], null_image); the decoder and the upsamplers follow.
+        decoder's (image embeddings [b, E], null_image); the decoder and the upsamplers follow
+        (`upsample=False`: not the upsamplers; the final images are then None).
         Returns (uint8 final images, uint8 decoder images, [image embeddings per chunk])."""
         finals, lows, embeds = [], [], []
         for i in range(0, len(prompts), self.batch):
@@ -111,26 +118,30 @@ class Evaluator:
             low = self.pipe.sample_decoder(z, cond, uncond, steps=steps[1], guidance=guidance[1],
                                            rng=jax.random.fold_in(rng, 1), null_image=null)
             lows.append(to_uint8(low * 0.5 + 0.5))
-            if self.pipe.super_res_first is not None:
+            if not upsample:
+                pass
+            elif self.pipe.super_res_first is not None:
                 finals.append(to_uint8(self.pipe.sample_super_res(low, steps=steps[2],
                                                              rng=jax.random.fold_in(rng, 2))))
             else:
                 finals.append(lows[-1])
             embeds.append(z)
-        return np.concatenate(finals), np.concatenate(lows), embeds
+        return (np.concatenate(finals) if upsample else None), np.concatenate(lows), embeds
 
-    def generate(self, prompts, *, seed=0, steps=(25, 25, 7), guidance=(4.0, None),
-                 true_images=None):
+    def generate(self, prompts, *, seed=0, steps=(25, 25, 7), guidance=(None, None),
+                 true_images=None, upsample: bool = True):
         """Generated (final, decoder) uint8 images for prompts; with `true_images` the decoder is
-        fed the real images' CLIP embeddings instead of the prior's. Decoder guidance None: the
-        decoder's default."""
+        fed the real images' CLIP embeddings instead of the prior's. Guidance None: the stage's
+        recorded default. `upsample=False`: the decoder's images only (final None)."""
+        guidance = (self.prior_guidance(guidance[0]), guidance[1])
         def embed(i, cond, uncond, rng):
             if true_images is not None:
                 return jnp.asarray(self.image_embeds(true_images[i:i + self.batch])), False
             return self.pipe.sample_prior(cond, uncond, steps=steps[0], guidance=guidance[0],
                                           rng=rng, candidates=self.pipe.prior_candidates), False
 
-        final, low, _ = self.sample(prompts, embed, seed=seed, steps=steps, guidance=guidance)
+        final, low, _ = self.sample(prompts, embed, seed=seed, steps=steps, guidance=guidance,
+                                    upsample=upsample)
         return final, low
 
     def attribute_salience(self) -> dict[str, dict[str, float]]:
@@ -206,8 +217,9 @@ def eval_sets(n_single: int, n_two: int, n_heldout: int, seed: int = 0):
 
 
 def evaluate(pipe, *, n_single=64, n_two=32, n_heldout=32, seed=0, steps=(25, 25, 7),
-             guidance=(4.0, None), batch: int = 64) -> dict[str, Any]:
+             guidance=(None, None), batch: int = 64) -> dict[str, Any]:
     """All the measurements, as a nested dict (also the generated images under '_images').
+    Guidance None: each stage's recorded default.
     Sampling runs `batch` prompts at a time (each chunk from its own key: the numbers are
     those of this batch size); every set holds its images in memory."""
     for name, n in (("n_single", n_single), ("n_two", n_two), ("n_heldout", n_heldout),
@@ -215,6 +227,7 @@ def evaluate(pipe, *, n_single=64, n_two=32, n_heldout=32, seed=0, steps=(25, 25
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"{name} must be a positive integer, got {n!r}")
     ev = Evaluator(pipe, batch=batch)
+    guidance = (ev.prior_guidance(guidance[0]), guidance[1])
     sets = eval_sets(n_single, n_two, n_heldout, seed)
     allimg = np.concatenate([s["images"] for s in sets.values()])
     allcap = sum((s["prompts"] for s in sets.values()), [])
@@ -234,7 +247,7 @@ def evaluate(pipe, *, n_single=64, n_two=32, n_heldout=32, seed=0, steps=(25, 25
     for name, s in sets.items():
         final, low = ev.generate(s["prompts"], seed=seed, steps=steps, guidance=guidance)
         _, low_true = ev.generate(s["prompts"], seed=seed, steps=steps, guidance=guidance,
-                                  true_images=s["images"])
+                                  true_images=s["images"], upsample=False)
         res["faithfulness"][name] = faithfulness(final, s["scenes"])
         res["faithfulness_decoder_output"][name] = faithfulness(low, s["scenes"])
         res["faithfulness_true_embedding"][name] = faithfulness(low_true, s["scenes"])
