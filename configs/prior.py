@@ -32,8 +32,8 @@ def get_config(arg=None):
         beta_start=1e-4, beta_end=0.02))
     c.cond_drop = ml_collections.ConfigDict({"text": 0.1})
     # the guidance scale the pipeline samples this prior at by default: the demo's at 2 places
-    # more single objects fully right than at Karlo's 4 (82.0% vs 77.3% of 256 prompts, 82.0%
-    # vs 77.3% of another 128; README, "The shapes demo"); 8 draws 27%
+    # more single objects fully right than at Karlo's 4 (82.0% vs 77.3% of 256 prompts; the
+    # same figures on another 128 with the older upsampler; README, "The shapes demo"); 8: 27%
     c.sampling = ml_collections.ConfigDict(dict(guidance=2.0 if size == "demo" else 4.0))
     c.clip_dir = ""  # default: WORKDIR/clip
     c.tokenizer = ""  # default: the CLIP stage's tokenizer

@@ -37,7 +37,8 @@ from unclip_jax.models.unet import super_res_denoiser, upsample_input
 PRIORS = ("diffusion", "ar")
 #: the decoder's guidance scale when neither the call nor the stage names one (Karlo's)
 DEFAULT_DECODER_GUIDANCE = 8.0
-DEFAULT_PRIOR_GUIDANCE = 4.0  # Karlo's
+#: the prior's guidance scale when neither the call nor the stage names one (Karlo's)
+DEFAULT_PRIOR_GUIDANCE = 4.0
 
 
 @dataclasses.dataclass

@@ -118,12 +118,10 @@ class Evaluator:
             low = self.pipe.sample_decoder(z, cond, uncond, steps=steps[1], guidance=guidance[1],
                                            rng=jax.random.fold_in(rng, 1), null_image=null)
             lows.append(to_uint8(low * 0.5 + 0.5))
-            if not upsample:
-                pass
-            elif self.pipe.super_res_first is not None:
+            if upsample and self.pipe.super_res_first is not None:
                 finals.append(to_uint8(self.pipe.sample_super_res(low, steps=steps[2],
                                                              rng=jax.random.fold_in(rng, 2))))
-            else:
+            elif upsample:
                 finals.append(lows[-1])
             embeds.append(z)
         return (np.concatenate(finals) if upsample else None), np.concatenate(lows), embeds
