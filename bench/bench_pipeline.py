@@ -82,8 +82,7 @@ def run_bench(size: str, batch: int, *, repeats: int = 2, dtype: str | None = No
     import jax
     import torch
 
-    from peers import KARLO, UnCLIPArch, unclip_pipeline
-    from unclip_jax.pipeline import UnCLIPPipeline
+    from peers import KARLO, UnCLIPArch
     from unclip_jax.train.flops import peak_flops
 
     progress = progress or (lambda r: None)
@@ -100,22 +99,9 @@ def run_bench(size: str, batch: int, *, repeats: int = 2, dtype: str | None = No
                attention=attention or "default", device=jax.devices()[0].device_kind,
                platform=platform, n_devices=jax.device_count(),
                peer_device="cuda" if cuda else "cpu", steps=steps, guidance=GUIDANCE)
-    with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        peer = unclip_pipeline(d, arch, seed=0, torch_dtype=torch_dtype,
-                               device="cuda" if cuda else None,
-                               randomise_scale=None if size == "karlo" else 0.1)
-        peer.set_progress_bar_config(disable=True)
-        res["n_params"] = sum(p.numel() for m in (peer.prior, peer.decoder, peer.super_res_first,
-                                                   peer.text_encoder, peer.text_proj)
-                              for p in m.parameters())
-        res["peer_build_s"] = time.perf_counter() - t0
-        print(f"built and saved the peer in {res['peer_build_s']:.1f} s", flush=True)
-        t0 = time.perf_counter()
-        ours = UnCLIPPipeline.from_diffusers(d, progress=False, prior_candidates=1, dtype=dtype,
-                                             attention_impl=attention)
-        res["import_s"] = time.perf_counter() - t0
-        print(f"imported into unclip_jax in {res['import_s']:.1f} s", flush=True)
+    peer, ours, built = build_pipelines(arch, randomise=size != "karlo", dtype=dtype,
+                                        torch_dtype=torch_dtype, cuda=cuda, attention=attention)
+    res.update(built)
     progress(res)
 
     def run_ours():
@@ -146,6 +132,36 @@ def run_bench(size: str, batch: int, *, repeats: int = 2, dtype: str | None = No
         _run_peer(res, peer, prompts, steps, repeats, catch_peer)
         progress(res)
     return res
+
+
+def build_pipelines(arch, *, randomise: bool = True, dtype: str = "float32", torch_dtype=None,
+                    cuda: bool = False, attention: str | None = None):
+    """The peer (diffusers' UnCLIPPipeline of `arch`, random weights; `randomise`: the small
+    sizes' weights scaled by 0.1 so that samples stay finite) and ours imported from it:
+    (peer, ours, dict(n_params, peer_build_s, import_s))."""
+    import torch
+
+    from peers import unclip_pipeline
+    from unclip_jax.pipeline import UnCLIPPipeline
+
+    info = {}
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        peer = unclip_pipeline(d, arch, seed=0, torch_dtype=torch_dtype or torch.float32,
+                               device="cuda" if cuda else None,
+                               randomise_scale=0.1 if randomise else None)
+        peer.set_progress_bar_config(disable=True)
+        info["n_params"] = sum(p.numel() for m in (peer.prior, peer.decoder,
+                                                    peer.super_res_first, peer.text_encoder,
+                                                    peer.text_proj) for p in m.parameters())
+        info["peer_build_s"] = time.perf_counter() - t0
+        print(f"built and saved the peer in {info['peer_build_s']:.1f} s", flush=True)
+        t0 = time.perf_counter()
+        ours = UnCLIPPipeline.from_diffusers(d, progress=False, prior_candidates=1, dtype=dtype,
+                                             attention_impl=attention)
+        info["import_s"] = time.perf_counter() - t0
+        print(f"imported into unclip_jax in {info['import_s']:.1f} s", flush=True)
+    return peer, ours, info
 
 
 def _run_peer(res, peer, prompts, steps, repeats, catch_peer):
