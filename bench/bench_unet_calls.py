@@ -16,7 +16,12 @@ For each network:
   grouped by shape, loops counted) timed alone, times its count, summed; the same shapes run
   by torch (`conv2d` on NCHW, `bmm`) summed the same way: what the call would take if
   everything else were free;
-* rest ms -- call minus dense.
+* rest ms -- call minus dense;
+* in-call conv / rest thread-ms (ours, CPU) -- a profile of 3 calls (`jax.profiler.trace`, read
+  back from its XSpace): the time of XLA:CPU's convolution kernels (the `ynn_fusion` thunks,
+  XNNPACK convolutions with what XLA fused into them) and of every other thunk, per call,
+  summed over the threads that ran them (independent thunks run side by side, so the two can
+  add up to more than the call's wall time).
 
 Prints a table and the ratios (> 1: ours is faster). Appends one JSON line to --out.
 """
@@ -115,6 +120,38 @@ def dense_ms(fn, args, *, seconds: float = 0.05, torch_too: bool = True):
     return ours, theirs, len(ops)
 
 
+def profile_ms(jf, args, calls: int = 3) -> dict:
+    """Per call: thread-ms of XLA:CPU's convolution thunks (`ynn_fusion*`) and of all other
+    thunks of the jitted `jf(*args)`, from a `jax.profiler` trace of `calls` calls (CPU only)."""
+    import glob
+    import tempfile
+
+    import jax
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    jax.block_until_ready(jf(*args))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(calls):
+                jax.block_until_ready(jf(*args))
+        space = xplane_pb2.XSpace()
+        with open(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0], "rb") as f:
+            space.ParseFromString(f.read())
+    conv = rest = 0.0
+    for plane in space.planes:
+        names = {k: v.name for k, v in plane.event_metadata.items()}
+        for line in plane.lines:
+            for ev in line.events:
+                name = names.get(ev.metadata_id, "")
+                if name.startswith(("ThunkExecutor", "$")) or not name:
+                    continue  # the executor's own spans and Python frames enclose the thunks
+                if name.startswith("ynn_fusion"):
+                    conv += ev.duration_ps
+                else:
+                    rest += ev.duration_ps
+    return dict(conv_ms=conv / 1e9 / calls, rest_ms=rest / 1e9 / calls)
+
+
 class CallTimer:
     """Forward-hook timer of a torch module: wall ms of each forward call."""
 
@@ -198,6 +235,10 @@ def run(size: str, batch: int, reps: int = 10) -> dict:
         d_ours, d_torch, groups = dense_ms(fn, args)
         res["nets"][name] = dict(ours_call_ms=call, ours_dense_ms=d_ours, torch_dense_ms=d_torch,
                                  op_groups=groups)
+        if jax.devices()[0].platform == "cpu":
+            prof = profile_ms(jf, args)
+            res["nets"][name].update(ours_incall_conv_ms=prof["conv_ms"],
+                                     ours_incall_rest_ms=prof["rest_ms"])
         print(f"{name}: ours {call:.1f} ms, dense {d_ours:.1f} ms (torch's on the same shapes "
               f"{d_torch:.1f} ms, {groups} shapes)", flush=True)
     for name, ms in peer_call_ms(peer, prompts).items():
@@ -207,13 +248,16 @@ def run(size: str, batch: int, reps: int = 10) -> dict:
 
 def table(res) -> str:
     rows = ["| network | ours call ms | ours dense ms | ours rest ms | torch call ms | "
-            "torch dense ms | torch rest ms | call torch / ours | dense torch / ours |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "torch dense ms | torch rest ms | call torch / ours | dense torch / ours | "
+            "ours in-call conv thread-ms | ours in-call rest thread-ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in res["nets"].items():
         oc, od, tc, td = (r[k] for k in ("ours_call_ms", "ours_dense_ms", "torch_call_ms",
                                          "torch_dense_ms"))
         rows.append(f"| {name} | {oc:.1f} | {od:.1f} | {oc - od:.1f} | {tc:.1f} | {td:.1f} | "
-                    f"{tc - td:.1f} | {tc / oc:.2f}x | {td / od:.2f}x |")
+                    f"{tc - td:.1f} | {tc / oc:.2f}x | {td / od:.2f}x | "
+                    + " | ".join(f"{r[k]:.1f}" if k in r else "—"
+                                 for k in ("ours_incall_conv_ms", "ours_incall_rest_ms")) + " |")
     return "\n".join(rows)
 
 
