@@ -154,8 +154,12 @@ def test_diagnostics_in_metrics_and_report(demo):
         assert sum(v.values()) <= 1.0 + 1e-9
     assert list(d["denoising_probe"]) == [str(t) for t in PROBE_STEPS]
     assert all(0.0 <= r["csp"] <= r["color"] <= 1.0 for r in d["denoising_probe"].values())
+    probe = d["caption_shape_probe"]
+    assert set(probe) == {"hidden_all_tokens", "hidden_mean", "text_embed"}
+    assert all(0.0 <= v[k] <= 1.0 for v in probe.values() for k in ("seen", "heldout"))
     report = open(os.path.join(w, "report.md")).read()
     assert "## Diagnostics: where an attribute is lost" in report and "| 700 |" in report
+    assert "| hidden all tokens |" in report
 
 
 def test_predict_decoder_x0_is_the_samplers_estimate(demo):
@@ -397,3 +401,21 @@ def test_workdir_missing_a_stage(tmp_path, capsys):
     assert main(["variations", "--workdir", str(tmp_path), "--image",
                  str(tmp_path / "x.png")]) == 1
     assert "train it with" in capsys.readouterr().err
+
+
+def test_heldout_probe_reads_a_linear_code_and_not_noise():
+    from unclip_jax.shapes_demo.evaluate import heldout_probe
+
+    rng = np.random.default_rng(0)
+    n, labels = 600, rng.integers(0, 3, 600)
+    held = rng.random(n) < 0.3
+    code = np.eye(3)[labels] @ rng.standard_normal((3, 16))  # the label, linearly, in 16 dims
+    out = heldout_probe(code + 0.05 * rng.standard_normal((n, 16)), labels, held)
+    assert out["seen"] == 1.0 and out["heldout"] == 1.0
+    # a code entangled with a held-out factor: the label's direction flips where held-out
+    flipped = np.where(held[:, None], -code, code)
+    assert heldout_probe(flipped, labels, held)["heldout"] < 0.2
+    noise = heldout_probe(rng.standard_normal((n, 16)), labels, held)
+    assert noise["heldout"] < 0.5  # chance is 1/3
+    with pytest.raises(ValueError, match="seen and held-out"):
+        heldout_probe(code, labels, np.zeros(n, bool))

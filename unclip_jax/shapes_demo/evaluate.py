@@ -39,6 +39,26 @@ def variance_explained(embeds, labels) -> float:
     return float(between / max(np.sum(e ** 2), 1e-30))
 
 
+def heldout_probe(features, labels, heldout, ridge: float = 1.0) -> dict[str, float]:
+    """Does a linear read-out of `labels` learned on the seen rows carry over to the held-out
+    ones? A ridge classifier (one-hot targets, features standardised on the seen rows) fit on
+    the rows where `heldout` [N] is False, top-1 accuracy on both parts: {'seen', 'heldout'}.
+    `features` [N, ...] are flattened per row."""
+    x = np.asarray(features, np.float64).reshape(len(features), -1)
+    labels, heldout = np.asarray(labels), np.asarray(heldout, bool)
+    if heldout.all() or not heldout.any():
+        raise ValueError("heldout_probe needs both seen and held-out rows")
+    classes = np.unique(labels[~heldout])
+    seen = x[~heldout]
+    x = (x - seen.mean(0)) / (seen.std(0) + 1e-6)
+    y = (labels[~heldout][:, None] == classes[None]).astype(np.float64)
+    a = x[~heldout]
+    w = np.linalg.solve(a.T @ a + ridge * np.eye(a.shape[1]), a.T @ y)
+    pred = classes[np.argmax(x @ w, axis=1)]
+    return {"seen": float(np.mean(pred[~heldout] == labels[~heldout])),
+            "heldout": float(np.mean(pred[heldout] == labels[heldout]))}
+
+
 def single_object_scenes() -> list:
     """Every single-object scene of the world (colours x shapes x sizes x cells), held-out
     colour-shape pairs included."""
@@ -155,6 +175,23 @@ class Evaluator:
                          for a in ATTRIBUTES}
         return out
 
+    def caption_shape_probe(self) -> dict[str, dict[str, float]]:
+        """Whether the text features the decoder reads carry the shape of held-out colour-shape
+        pairs: :func:`heldout_probe` of the shape on the canonical captions of every
+        single-object scene, fit on the seen pairs, from CLIP's last hidden states (all
+        tokens, flattened; their mean over the caption's tokens) and its pooled text
+        embedding."""
+        scenes = single_object_scenes()
+        caps = [shapes.canonical_caption(s) for s in scenes]
+        shape = [s.objects[0].shape for s in scenes]
+        held = [s.has_heldout for s in scenes]
+        text = self.pipe.encode_text(caps)
+        hidden, mask = np.asarray(text["text_hidden"]), np.asarray(text["text_mask"], bool)
+        mean = (hidden * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
+        return {"hidden_all_tokens": heldout_probe(hidden, shape, held),
+                "hidden_mean": heldout_probe(mean, shape, held),
+                "text_embed": heldout_probe(np.asarray(text["text_embed"]), shape, held)}
+
     def denoising_probe(self, images, scenes, prompts, *, ts=PROBE_STEPS, seed=0
                         ) -> dict[str, dict[str, float]]:
         """Faithfulness of the decoder's one-step clean-image estimate from real images noised to
@@ -257,6 +294,7 @@ def evaluate(pipe, *, n_single=64, n_two=32, n_heldout=32, seed=0, steps=(25, 25
                                "real": background_noise(sets["single"]["images"])}
     res["diagnostics"] = {
         "salience": ev.attribute_salience(),
+        "caption_shape_probe": ev.caption_shape_probe(),
         "denoising_probe": ev.denoising_probe(sets["single"]["images"], sets["single"]["scenes"],
                                               sets["single"]["prompts"], seed=seed)}
     res["_images"] = images

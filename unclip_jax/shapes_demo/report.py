@@ -68,6 +68,14 @@ def write_report(path: str, res: dict, grid: str = "grid.png") -> str:
         for k, v in dg["salience"].items():
             lines.append(f"| {k} | {v['color']:.2f} | {v['shape']:.2f} | {v['size']:.2f} | "
                          f"{v['cell']:.2f} |")
+        probe = dg.get("caption_shape_probe")
+        if probe:
+            lines += ["", "Shape read linearly from the text features (a ridge classifier fit on the "
+                      "seen colour-shape pairs' captions; accuracy on the seen / held-out pairs' "
+                      "captions):", "", "| features | seen | held-out |", "|---|---|---|"]
+            for k, v in probe.items():
+                lines.append(f"| {k.replace('_', ' ')} | {100 * v['seen']:.0f}% | "
+                             f"{100 * v['heldout']:.0f}% |")
         lines += ["", "The decoder's one-step clean-image estimate from single-object test images "
                   "noised to step t (of 1000), fed their true embeddings and captions, read by "
                   "the analyser:", "", "| t | colour | shape | position | csp |",
