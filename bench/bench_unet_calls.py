@@ -38,17 +38,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_conv import median_ms as _median_ms  # noqa: E402
 from bench_pipeline import GUIDANCE, SIZES, STEPS, build_pipelines  # noqa: E402
-
-
-def _median_ms(fn, reps: int) -> float:
-    fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(out)
 
 
 def torch_op(o, lhs, rhs):

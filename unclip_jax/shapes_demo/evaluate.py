@@ -48,14 +48,14 @@ def heldout_probe(features, labels, heldout, ridge: float = 1.0) -> dict[str, fl
     labels, heldout = np.asarray(labels), np.asarray(heldout, bool)
     if heldout.all() or not heldout.any():
         raise ValueError("heldout_probe needs both seen and held-out rows")
-    classes = np.unique(labels[~heldout])
-    seen = x[~heldout]
-    x = (x - seen.mean(0)) / (seen.std(0) + 1e-6)
-    y = (labels[~heldout][:, None] == classes[None]).astype(np.float64)
-    a = x[~heldout]
+    seen = ~heldout
+    classes = np.unique(labels[seen])
+    x = (x - x[seen].mean(0)) / (x[seen].std(0) + 1e-6)
+    y = (labels[seen][:, None] == classes[None]).astype(np.float64)
+    a = x[seen]
     w = np.linalg.solve(a.T @ a + ridge * np.eye(a.shape[1]), a.T @ y)
     pred = classes[np.argmax(x @ w, axis=1)]
-    return {"seen": float(np.mean(pred[~heldout] == labels[~heldout])),
+    return {"seen": float(np.mean(pred[seen] == labels[seen])),
             "heldout": float(np.mean(pred[heldout] == labels[heldout]))}
 
 
